@@ -1,0 +1,3 @@
+from ftwt_cli.cli import main
+
+main()

@@ -1,0 +1,220 @@
+"""``ftwt profiles``, ``ftwt estimate`` and ``ftwt search``: planning before training."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import pandas as pd
+import typer
+from rich.table import Table
+
+from ftwt_cli import runtime
+from ftwt_cli.checkpoint import atomic_write_bytes
+from ftwt_cli.cli import (
+    BatchOpt,
+    CheckpointOpt,
+    DataOpt,
+    DataRootOpt,
+    DeviceOpt,
+    DownloadOpt,
+    JsonOpt,
+    ModelOpt,
+    ProfileOpt,
+    SamplesOpt,
+    SeedOpt,
+    WorkersOpt,
+    app,
+    handle_errors,
+    resolve_config,
+)
+from ftwt_cli.config import DEFAULT_PROFILE, list_profiles, parse_ratios, resolve_device
+from ftwt_cli.console import console, emit_json
+from ftwt_cli.data import make_loader
+from ftwt_cli.errors import BadInput
+from ftwt_cli.estimate import UnreachableTarget, estimate, find_ratio
+
+TargetOpt = Annotated[
+    Optional[float],
+    typer.Option(
+        "--target-flops",
+        help="Percent of dense FLOPs to REMOVE (50 halves them), in (0, 100).",
+    ),
+]
+
+
+@app.command("profiles")
+@handle_errors
+def profiles_command(json_out: JsonOpt = False) -> None:
+    """List the profiles in profiles/."""
+    rows = list_profiles()
+    if json_out:
+        emit_json([{"name": n, "description": d, "default": n == DEFAULT_PROFILE} for n, d in rows])
+        return
+    table = Table("profile", "description", title="ftwt profiles")
+    for name, description in rows:
+        table.add_row(name + (" (default)" if name == DEFAULT_PROFILE else ""), description)
+    console.print(table)
+
+
+def _check_target(target: float | None) -> None:
+    if target is not None and not (0.0 < target < 100.0):
+        raise BadInput(f"--target-flops is a percent of FLOPs to remove and must be in (0, 100), got {target:g}")
+
+
+def _prepare(profile, model, data, checkpoint, samples, batch_size, device, seed, data_root, download, workers):
+    """Resolve the configuration, then the frozen dense model (gated, masks off) and the training data."""
+    cfg = resolve_config(
+        profile,
+        model=model,
+        data=data,
+        checkpoint=checkpoint,
+        samples=samples,
+        batch_size=batch_size,
+        device=device,
+        seed=seed,
+        data_root=data_root,
+        download=download,
+        workers=workers,
+    )
+    dev = resolve_device(cfg.device)
+    loaded = runtime.load_model(cfg, cfg.checkpoint, require="dense")
+    gated = runtime.wrap(loaded.model, cfg).to(dev)
+    for p in gated.parameters():
+        p.requires_grad_(False)
+    loader = make_loader(runtime.dataset(cfg, "train"), cfg.batch_size, workers=cfg.workers)
+    return cfg, dev, loaded, gated, loader
+
+
+@app.command("estimate")
+@handle_errors
+def estimate_command(
+    profile: ProfileOpt = DEFAULT_PROFILE,
+    model: ModelOpt = None,
+    data: DataOpt = None,
+    checkpoint: CheckpointOpt = None,
+    samples: SamplesOpt = None,
+    batch_size: BatchOpt = None,
+    device: DeviceOpt = None,
+    seed: SeedOpt = None,
+    data_root: DataRootOpt = None,
+    download: DownloadOpt = None,
+    workers: WorkersOpt = None,
+    ratios: Annotated[
+        Optional[str], typer.Option("--ratios", help="Comma list (0.9,0.95) or inclusive start:stop:step.")
+    ] = None,
+    target_flops: TargetOpt = None,
+    csv: Annotated[Optional[str], typer.Option("--csv", help="Write the table as CSV.")] = None,
+    plot: Annotated[Optional[str], typer.Option("--plot", help="Write r → estimated reduction as a PNG.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Expected FLOPs reduction of every r, from ONE pass of the trained dense model over training data."""
+    _check_target(target_flops)
+    cfg, dev, loaded, gated, loader = _prepare(
+        profile, model, data, checkpoint, samples, batch_size, device, seed, data_root, download, workers
+    )
+    ratio_list = parse_ratios(ratios if ratios is not None else cfg.ratios)
+    est = estimate(gated, loader, ratio_list, dev)
+    chosen = est.nearest(target_flops) if target_flops is not None else None
+
+    rows = est.rows()
+    table = Table("r", "FLOPs ↓ %", "with heads %", "mean keep", title=f"{cfg.model}: estimate over {est.samples} images")
+    for i, row in enumerate(rows):
+        keep = sum(row["per_layer_keep"].values()) / max(len(row["per_layer_keep"]), 1)
+        style = "bold green" if i == chosen else None
+        table.add_row(
+            f"{row['r']:.4g}",
+            f"{row['flops_reduction_pct']:.2f}",
+            f"{row['flops_reduction_with_heads_pct']:.2f}",
+            f"{keep:.3f}",
+            style=style,
+        )
+    console.print(table)
+    console.print(f"dense MACs: {est.dense_macs / 1e6:.2f} M, heads: {est.head_macs / 1e6:.3f} M")
+    if chosen is not None:
+        console.print(
+            f"target {target_flops:g}% → r = {est.ratios[chosen]:.4g} (estimated {est.reduction_pct(chosen):.2f}%)"
+        )
+    if csv:
+        frame = pd.DataFrame(
+            [{k: v for k, v in row.items() if k != "per_layer_keep"} | {f"keep/{n}": k for n, k in row["per_layer_keep"].items()} for row in rows]
+        )
+        atomic_write_bytes(csv, lambda f: f.write(frame.to_csv(index=False).encode()))
+    if plot:
+        from ftwt_cli.plots import plot_estimate
+
+        plot_estimate(est, plot, target_flops, est.ratios[chosen] if chosen is not None else None, title=cfg.model)
+    if json_out:
+        doc = {
+            "model": cfg.model,
+            "checkpoint": loaded.path,
+            "samples": est.samples,
+            "dense_macs": est.dense_macs,
+            "head_macs": est.head_macs,
+            "estimates": rows,
+            "config": cfg.to_dict(),
+        }
+        if chosen is not None:
+            doc["target"] = target_flops
+            doc["chosen_r"] = est.ratios[chosen]
+            doc["chosen_reduction_pct"] = est.reduction_pct(chosen)
+        emit_json(doc)
+
+
+@app.command("search")
+@handle_errors
+def search_command(
+    target_flops: TargetOpt = None,
+    tolerance: Annotated[float, typer.Option("--tolerance", help="Accepted distance to the target, in points.")] = 0.25,
+    cascade: Annotated[
+        bool, typer.Option("--cascade", help="Apply masks layer by layer as in training (one pass per step).")
+    ] = False,
+    profile: ProfileOpt = DEFAULT_PROFILE,
+    model: ModelOpt = None,
+    data: DataOpt = None,
+    checkpoint: CheckpointOpt = None,
+    samples: SamplesOpt = None,
+    batch_size: BatchOpt = None,
+    device: DeviceOpt = None,
+    seed: SeedOpt = None,
+    data_root: DataRootOpt = None,
+    download: DownloadOpt = None,
+    workers: WorkersOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Bisect r until the estimated FLOPs reduction is within --tolerance of --target-flops."""
+    if target_flops is None:
+        raise BadInput("--target-flops is required (percent of dense FLOPs to remove, e.g. 50)")
+    _check_target(target_flops)
+    if tolerance <= 0:
+        raise BadInput(f"--tolerance must be positive, got {tolerance:g}")
+    _cfg, dev, _loaded, gated, loader = _prepare(
+        profile, model, data, checkpoint, samples, batch_size, device, seed, data_root, download, workers
+    )
+    try:
+        result = find_ratio(gated, loader, dev, target_flops, tolerance, cascade)
+    except UnreachableTarget as exc:
+        raise BadInput(str(exc)) from None
+    table = Table("step", "r", "estimated FLOPs ↓ %", title=f"bisection towards {target_flops:g}%")
+    for i, step in enumerate(result.steps, 1):
+        table.add_row(str(i), f"{step['r']:.6f}", f"{step['reduction_pct']:.2f}")
+    console.print(table)
+    if result.converged:
+        console.print(f"r = {result.chosen_r:.6f} → estimated {result.estimated_reduction_pct:.2f}% (target {target_flops:g}%)")
+    else:
+        console.print(
+            f"[yellow]no r within ±{tolerance:g} points: the estimate is too coarse (few samples?); closest r = "
+            f"{result.chosen_r:.6f} → {result.estimated_reduction_pct:.2f}%[/yellow]"
+        )
+    if json_out:
+        emit_json(
+            {
+                "target": result.target,
+                "chosen_r": result.chosen_r,
+                "estimated_reduction_pct": result.estimated_reduction_pct,
+                "converged": result.converged,
+                "tolerance": tolerance,
+                "cascade": cascade,
+                "reachable_pct": list(result.reachable),
+                "steps": result.steps,
+            }
+        )

@@ -1,0 +1,172 @@
+"""Profiles (TOML files in ``profiles/``) and the resolved run configuration.
+
+A profile sets every field of :class:`Config`; each CLI option overrides its field. Profile files may
+group fields in tables (``[dense]``, ``[dynamic]``) for readability; table keys are flattened with
+their table name as prefix except ``[dynamic]``, whose keys are the plain training fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+from ftwt_cli.errors import BadInput
+
+PROFILE_DIR = Path(os.environ.get("FTWT_PROFILES", Path(__file__).resolve().parent.parent / "profiles"))
+DEFAULT_PROFILE = "quickstart"
+
+
+@dataclass
+class Config:
+    profile: str = DEFAULT_PROFILE
+    description: str = ""
+    # what to run on
+    model: str = "smallnet"
+    data: str = "synthetic"
+    data_root: str = "data"
+    download: bool = False
+    pretrained: bool = False
+    checkpoint: str | None = None
+    samples: int = 0  # cap on training images used by a data pass (0: all)
+    test_samples: int = 0  # cap on test images (0: all)
+    batch_size: int = 128
+    workers: int = 0
+    device: str = "auto"
+    seed: int = 0
+    # FTWT
+    ratios: str = "0.80:1.00:0.01"
+    r: float = 0.9
+    target: str = "mass"
+    head_softmax: bool = True
+    # dense baseline recipe
+    dense_epochs: int = 200
+    dense_lr: float = 0.1
+    dense_milestones: list[int] = field(default_factory=lambda: [80, 120, 150])
+    # dynamic training recipe
+    epochs: int = 200
+    lr: float = 0.01
+    milestones: list[int] = field(default_factory=lambda: [80, 120, 150])
+    gamma: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    head_lr: float = 0.1
+    mode: str = "decoupled"
+    freeze_heads_after: float = 0.5
+    head_init: str = "random"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def override(self, **values: Any) -> "Config":
+        """Return a copy with every non-None value replaced (CLI options default to None)."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown config fields: {sorted(unknown)}")
+        return dataclasses.replace(self, **{k: v for k, v in values.items() if v is not None})
+
+
+def list_profiles() -> list[tuple[str, str]]:
+    """(name, description) of every profile file."""
+    out = []
+    for path in sorted(PROFILE_DIR.glob("*.toml")):
+        try:
+            out.append((path.stem, load_profile(path.stem).description))
+        except BadInput as exc:
+            out.append((path.stem, f"(invalid: {exc})"))
+    return out
+
+
+def load_profile(name: str) -> Config:
+    path = PROFILE_DIR / f"{name}.toml"
+    if not path.is_file():
+        names = ", ".join(p.stem for p in sorted(PROFILE_DIR.glob("*.toml")))
+        raise BadInput(f"unknown profile {name!r}; available: {names}")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise BadInput(f"profile {path} is not valid TOML: {exc}") from None
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            prefix = "" if key == "dynamic" else f"{key}_"
+            flat.update({f"{prefix}{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    fields = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(flat) - fields)
+    if unknown:
+        raise BadInput(f"profile {name!r} has unknown fields: {', '.join(unknown)}")
+    if flat.get("checkpoint"):
+        # Profile checkpoints are relative to the profiles folder, so the repository can move.
+        flat["checkpoint"] = str((PROFILE_DIR / flat["checkpoint"]).resolve())
+    return Config(profile=name, **flat)
+
+
+def resolve(profile: str | None, **overrides: Any) -> Config:
+    """The profile's configuration with CLI overrides applied and validated."""
+    config = load_profile(profile or DEFAULT_PROFILE).override(**overrides)
+    validate(config)
+    return config
+
+
+def validate(c: Config) -> None:
+    if c.batch_size < 1:
+        raise BadInput(f"--batch-size must be at least 1, got {c.batch_size}")
+    if c.samples < 0 or c.test_samples < 0:
+        raise BadInput("--samples must be 0 (all) or positive")
+    if not (0.0 < c.r <= 1.0):
+        raise BadInput(f"r must be in (0, 1], got {c.r}")
+    if c.mode not in ("decoupled", "joint"):
+        raise BadInput(f"--mode must be decoupled or joint, got {c.mode!r}")
+    if c.target not in ("mass", "topk"):
+        raise BadInput(f"target must be mass or topk, got {c.target!r}")
+    if c.device not in ("auto", "cpu", "cuda") and not c.device.startswith("cuda:"):
+        raise BadInput(f"--device must be auto, cpu or cuda, got {c.device!r}")
+    if not (0.0 <= c.freeze_heads_after <= 1.0):
+        raise BadInput(f"--freeze-heads-after must be in [0, 1], got {c.freeze_heads_after}")
+    if c.head_init not in ("random", "ones"):
+        raise BadInput(f"--head-init must be random or ones, got {c.head_init!r}")
+    parse_ratios(c.ratios)
+
+
+def parse_ratios(text: str) -> list[float]:
+    """``0.9,0.95`` or the inclusive range ``start:stop:step``; every value must lie in (0, 1]."""
+    text = str(text).strip()
+    try:
+        if ":" in text:
+            parts = [float(p) for p in text.split(":")]
+            if len(parts) != 3 or parts[2] <= 0 or parts[1] < parts[0]:
+                raise ValueError
+            start, stop, step = parts
+            count = int(math.floor((stop - start) / step + 1e-9)) + 1
+            values = [round(start + i * step, 10) for i in range(count)]
+        else:
+            values = [float(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise BadInput(f"--ratios must be a comma list (0.9,0.95) or start:stop:step (0.8:1.0:0.01), got {text!r}") from None
+    if not values:
+        raise BadInput("--ratios is empty")
+    bad = [v for v in values if not (0.0 < v <= 1.0)]
+    if bad:
+        raise BadInput(f"r must be in (0, 1], got {bad[0]}")
+    return sorted(set(values))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise BadInput("--device cuda requested but no CUDA device is available")
+    return torch.device(name)

@@ -1,0 +1,268 @@
+"""Find the gated blocks and the MAC-relevant layers of any CNN by tracing it.
+
+``analyze(model, input_size)`` traces the model with torch.fx and returns a :class:`ModelGraph`:
+
+* every conv→BN pair whose conv feeds only that BN becomes a block (in execution order); if the BN
+  feeds only a zero-preserving activation, that activation is the block's and the target is taken
+  after it, otherwise before (e.g. the second conv of a residual block, before the add);
+* every conv and linear layer with its output size, for FLOPs accounting;
+* for every conv, the block whose (masked) output reaches it through zero-preserving layers only
+  (activations with f(0) = 0, pooling, dropout): its "producer", whose mask tells which input
+  channels are exactly zero and so cost nothing.
+
+Models that fx cannot trace fall back to module order: blocks are conv modules immediately followed
+by a matching BN, with no producers (every input channel counted) and a warning.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+# module type → (functional form that never works in place, monotone and non-negative?)
+_ACTIVATION_MODULES: dict[type, Callable[[nn.Module], tuple[Callable, bool]]] = {
+    nn.ReLU: lambda m: (F.relu, True),
+    nn.ReLU6: lambda m: (F.relu6, True),
+    nn.SiLU: lambda m: (F.silu, False),
+    nn.Hardswish: lambda m: (F.hardswish, False),
+    nn.GELU: lambda m: (functools.partial(F.gelu, approximate=m.approximate), False),
+    nn.LeakyReLU: lambda m: (functools.partial(F.leaky_relu, negative_slope=m.negative_slope), False),
+    nn.ELU: lambda m: (functools.partial(F.elu, alpha=m.alpha), False),
+    nn.Mish: lambda m: (F.mish, False),
+    nn.Tanh: lambda m: (torch.tanh, False),
+}
+_ACTIVATION_FUNCTIONS: dict[Callable, tuple[Callable, bool]] = {
+    F.relu: (F.relu, True),
+    torch.relu: (F.relu, True),
+    F.relu6: (F.relu6, True),
+    F.silu: (F.silu, False),
+    F.hardswish: (F.hardswish, False),
+    F.gelu: (F.gelu, False),
+    torch.tanh: (torch.tanh, False),
+}
+_ACTIVATION_METHODS = {"relu": (F.relu, True), "relu_": (F.relu, True)}
+
+# Layers that map an all-zero channel to an all-zero channel (and keep channels where they are).
+_ZERO_PRESERVING_MODULES = (
+    nn.MaxPool2d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+    nn.Dropout,
+    nn.Dropout2d,
+    nn.Identity,
+)
+_ZERO_PRESERVING_FUNCTIONS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.dropout}
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """One conv→BN[→act] block; names are qualified module names in the dense backbone."""
+
+    conv: str
+    bn: str
+    activation: Callable[[torch.Tensor], torch.Tensor] | None
+    monotone_activation: bool
+    in_channels: int
+    out_channels: int
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    name: str
+    in_channels: int
+    out_channels: int
+    groups: int
+    kernel_size: tuple[int, int]
+    out_hw: tuple[int, int]
+    block: int | None  # index of the block this conv belongs to (its outputs are gated)
+    producer: int | None  # index of the block whose mask zeroes this conv's inputs
+
+    @property
+    def dense_macs(self) -> int:
+        kh, kw = self.kernel_size
+        return self.out_channels * (self.in_channels // self.groups) * kh * kw * self.out_hw[0] * self.out_hw[1]
+
+
+@dataclass(frozen=True)
+class LinearSpec:
+    name: str
+    in_features: int
+    out_features: int
+
+    @property
+    def dense_macs(self) -> int:
+        return self.in_features * self.out_features
+
+
+@dataclass
+class ModelGraph:
+    input_size: tuple[int, int]
+    blocks: list[BlockSpec] = field(default_factory=list)
+    convs: list[ConvSpec] = field(default_factory=list)
+    linears: list[LinearSpec] = field(default_factory=list)
+    traced: bool = True
+
+    @property
+    def dense_macs(self) -> int:
+        return sum(c.dense_macs for c in self.convs) + sum(lin.dense_macs for lin in self.linears)
+
+
+def _activation_of(node: torch.fx.Node, modules: dict[str, nn.Module]) -> tuple[Callable, bool] | None:
+    if node.op == "call_module":
+        module = modules[node.target]
+        maker = _ACTIVATION_MODULES.get(type(module))
+        return maker(module) if maker else None
+    if node.op == "call_function":
+        return _ACTIVATION_FUNCTIONS.get(node.target)
+    if node.op == "call_method":
+        return _ACTIVATION_METHODS.get(node.target)
+    return None
+
+
+def _is_zero_preserving(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if _activation_of(node, modules) is not None:
+        return True
+    if node.op == "call_module":
+        return isinstance(modules[node.target], _ZERO_PRESERVING_MODULES)
+    return node.op == "call_function" and node.target in _ZERO_PRESERVING_FUNCTIONS
+
+
+def analyze(model: nn.Module, input_size: tuple[int, int]) -> ModelGraph:
+    """Trace ``model`` (dense, not yet gated) on a 3×H×W input and describe its blocks and layers."""
+    try:
+        traced = torch.fx.symbolic_trace(model)
+    except Exception as exc:  # noqa: BLE001 - any tracing failure falls back to module order
+        warnings.warn(
+            f"model could not be traced with torch.fx ({type(exc).__name__}: {exc}); blocks are found by "
+            "module order and every conv input counts as dense in FLOPs accounting",
+            stacklevel=2,
+        )
+        return _analyze_by_module_order(model, input_size)
+    modules = dict(traced.named_modules())
+    param = next(model.parameters())
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            ShapeProp(traced).propagate(torch.zeros(1, 3, *input_size, device=param.device, dtype=param.dtype))
+    finally:
+        model.train(was_training)
+
+    graph = ModelGraph(input_size=tuple(input_size))
+    block_of_bn: dict[torch.fx.Node, int] = {}
+    block_of_conv: dict[torch.fx.Node, int] = {}
+    for node in traced.graph.nodes:
+        if node.op != "call_module" or not isinstance(modules[node.target], nn.Conv2d):
+            continue
+        users = list(node.users)
+        if len(users) != 1 or users[0].op != "call_module":
+            continue
+        bn_node = users[0]
+        bn = modules[bn_node.target]
+        conv = modules[node.target]
+        if not isinstance(bn, nn.BatchNorm2d) or bn_node.args[0] is not node or bn.num_features != conv.out_channels:
+            continue
+        bn_users = list(bn_node.users)
+        act = _activation_of(bn_users[0], modules) if len(bn_users) == 1 else None
+        block_of_bn[bn_node] = block_of_conv[node] = len(graph.blocks)
+        graph.blocks.append(
+            BlockSpec(
+                conv=node.target,
+                bn=bn_node.target,
+                activation=act[0] if act else None,
+                monotone_activation=act[1] if act else False,
+                in_channels=conv.in_channels,
+                out_channels=conv.out_channels,
+            )
+        )
+
+    for node in traced.graph.nodes:
+        if node.op != "call_module":
+            continue
+        module = modules[node.target]
+        if isinstance(module, nn.Conv2d):
+            shape = node.meta["tensor_meta"].shape
+            producer = None
+            source = node.args[0]
+            while isinstance(source, torch.fx.Node):
+                if source in block_of_bn:
+                    producer = block_of_bn[source]
+                    break
+                if not _is_zero_preserving(source, modules) or not source.args:
+                    break
+                source = source.args[0]
+            graph.convs.append(
+                ConvSpec(
+                    name=node.target,
+                    in_channels=module.in_channels,
+                    out_channels=module.out_channels,
+                    groups=module.groups,
+                    kernel_size=tuple(module.kernel_size),
+                    out_hw=(int(shape[2]), int(shape[3])),
+                    block=block_of_conv.get(node),
+                    producer=producer,
+                )
+            )
+        elif isinstance(module, nn.Linear):
+            graph.linears.append(LinearSpec(node.target, module.in_features, module.out_features))
+    return graph
+
+
+def _analyze_by_module_order(model: nn.Module, input_size: tuple[int, int]) -> ModelGraph:
+    named = [(n, m) for n, m in model.named_modules() if not list(m.children())]
+    graph = ModelGraph(input_size=tuple(input_size), traced=False)
+    block_of_conv: dict[str, int] = {}
+    for (name, module), (next_name, next_module) in zip(named, named[1:]):
+        if (
+            isinstance(module, nn.Conv2d)
+            and isinstance(next_module, nn.BatchNorm2d)
+            and next_module.num_features == module.out_channels
+        ):
+            block_of_conv[name] = len(graph.blocks)
+            graph.blocks.append(BlockSpec(name, next_name, None, False, module.in_channels, module.out_channels))
+
+    out_hw: dict[str, tuple[int, int]] = {}
+    hooks = [
+        m.register_forward_hook(lambda mod, inp, out, name=n: out_hw.__setitem__(name, tuple(out.shape[2:])))
+        for n, m in named
+        if isinstance(m, nn.Conv2d)
+    ]
+    param = next(model.parameters())
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, *input_size, device=param.device, dtype=param.dtype))
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    for name, module in named:
+        if isinstance(module, nn.Conv2d) and name in out_hw:
+            graph.convs.append(
+                ConvSpec(
+                    name,
+                    module.in_channels,
+                    module.out_channels,
+                    module.groups,
+                    tuple(module.kernel_size),
+                    out_hw[name],
+                    block_of_conv.get(name),
+                    None,
+                )
+            )
+        elif isinstance(module, nn.Linear):
+            graph.linears.append(LinearSpec(name, module.in_features, module.out_features))
+    return graph
+
+
+__all__ = ["BlockSpec", "ConvSpec", "LinearSpec", "ModelGraph", "analyze"]

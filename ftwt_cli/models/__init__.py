@@ -1,0 +1,99 @@
+"""Model registry: CIFAR and ImageNet families by name, plus any user model by import path or file."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from torch import nn
+
+from ftwt_cli.errors import BadInput
+from ftwt_cli.models import imagenet, mobilenet, resnet_cifar, small, vgg
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    build: Callable[..., nn.Module]
+    family: str  # "cifar" (32×32) or "imagenet" (224×224)
+    supports_pretrained: bool = False
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return (32, 32) if self.family == "cifar" else (224, 224)
+
+
+REGISTRY: dict[str, ModelEntry] = {
+    e.name: e
+    for e in (
+        ModelEntry("smallnet", small.smallnet, "cifar"),
+        ModelEntry("vgg16_bn", vgg.vgg16_bn, "cifar"),
+        ModelEntry("resnet20", resnet_cifar.resnet20, "cifar"),
+        ModelEntry("resnet56", resnet_cifar.resnet56, "cifar"),
+        ModelEntry("mobilenetv1", mobilenet.mobilenetv1, "cifar"),
+        ModelEntry("resnet18", imagenet.resnet18, "imagenet", True),
+        ModelEntry("resnet34", imagenet.resnet34, "imagenet", True),
+        ModelEntry("mobilenet_v2", imagenet.mobilenet_v2, "imagenet", True),
+    )
+}
+
+
+def is_user_model(spec: str) -> bool:
+    return ":" in spec
+
+
+def create_model(spec: str, num_classes: int, pretrained: bool = False) -> nn.Module:
+    """Build a registry model by name, or call ``package.module:callable`` / ``file.py:callable``."""
+    if not is_user_model(spec):
+        entry = REGISTRY.get(spec)
+        if entry is None:
+            raise BadInput(f"unknown model {spec!r}; known: {', '.join(REGISTRY)} (or package.module:callable)")
+        if pretrained and not entry.supports_pretrained:
+            raise BadInput(f"model {spec!r} has no pretrained weights; train a dense baseline with 'ftwt train --dense'")
+        return entry.build(num_classes=num_classes, pretrained=True) if pretrained else entry.build(num_classes=num_classes)
+    if pretrained:
+        raise BadInput("--pretrained applies to registry models only")
+    factory = _load_callable(spec)
+    try:
+        model = factory(num_classes=num_classes)
+    except TypeError as exc:
+        raise BadInput(f"model callable {spec!r} must accept num_classes: {exc}") from None
+    if not isinstance(model, nn.Module):
+        raise BadInput(f"model callable {spec!r} returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def _load_callable(spec: str) -> Callable[..., nn.Module]:
+    location, _, attribute = spec.rpartition(":")
+    if not location or not attribute:
+        raise BadInput(f"model spec {spec!r} must look like package.module:callable or path/to/file.py:callable")
+    if location.endswith(".py") or "/" in location:
+        path = Path(location)
+        if not path.is_file():
+            raise BadInput(f"model file not found: {location}")
+        module_name = f"ftwt_user_model_{abs(hash(str(path.resolve())))}"
+        module_spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[module_name] = module  # fx tracing and pickling look modules up by name
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as exc:  # noqa: BLE001 - user code: report, don't crash with a traceback
+            raise BadInput(f"could not import model file {location}: {type(exc).__name__}: {exc}") from None
+    else:
+        try:
+            module = importlib.import_module(location)
+        except ImportError as exc:
+            raise BadInput(f"could not import model module {location!r}: {exc}") from None
+    factory = getattr(module, attribute, None)
+    if not callable(factory):
+        raise BadInput(f"{location} has no callable named {attribute!r}")
+    return factory
+
+
+def input_size_for(spec: str, data_input_size: tuple[int, int]) -> tuple[int, int]:
+    """Registry models know their input size; user models take the data set's."""
+    return data_input_size if is_user_model(spec) else REGISTRY[spec].input_size
