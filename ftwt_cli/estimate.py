@@ -70,9 +70,10 @@ class EstimateAccumulator:
         self.samples = 0
 
     def update(self, thresholds: list[torch.Tensor]) -> None:
-        self.sum_macs += self.counter.dynamic_macs(thresholds, self.ratios).sum(dim=0)
-        for b, t in enumerate(thresholds):
-            self.sum_kept[b] += count_kept(t, self.levels).sum(dim=0).double() / t.shape[1]
+        kept = [count_kept(t, self.levels) for t in thresholds]  # shared with the MAC count
+        self.sum_macs += self.counter.dynamic_macs(thresholds, self.ratios, kept=kept).sum(dim=0)
+        for b, (t, k) in enumerate(zip(thresholds, kept)):
+            self.sum_kept[b] += k.sum(dim=0).double() / t.shape[1]
         self.samples += thresholds[0].shape[0]
 
     def result(self, block_names: list[str]) -> Estimate:

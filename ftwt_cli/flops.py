@@ -15,7 +15,7 @@ evaluates every r at once; a hard mask is the special case threshold ∈ {0, inf
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -34,10 +34,18 @@ def ratio_levels(ratios: Sequence[float] | torch.Tensor) -> torch.Tensor:
 
 
 def count_kept(thresholds: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
-    """Channels with threshold ≤ level, per row: [M, K] × [R] → [M, R] (int64)."""
-    ordered = thresholds.sort(dim=1).values.contiguous()
-    queries = levels.to(ordered.device).expand(ordered.shape[0], -1).contiguous()
-    return torch.searchsorted(ordered, queries, right=True)
+    """Channels with threshold ≤ level, per row: [M, K] × [R] → [M, R] (int64).
+
+    Each threshold is binned by the first level it passes (a search over the few levels, no sort of
+    the thresholds); a cumulative histogram over the levels then gives every count at once.
+    """
+    thresholds = thresholds.contiguous()
+    sorted_levels, order = levels.to(thresholds.device, thresholds.dtype).sort()
+    first_level = torch.searchsorted(sorted_levels, thresholds)  # len(levels): never kept
+    histogram = torch.zeros(thresholds.shape[0], levels.numel() + 1, dtype=torch.int64, device=thresholds.device)
+    histogram.scatter_add_(1, first_level, torch.ones_like(first_level))
+    counts = histogram[:, :-1].cumsum(dim=1)
+    return torch.empty_like(counts).index_copy_(1, order, counts)  # back to the caller's level order
 
 
 class FlopsCounter:
@@ -49,18 +57,32 @@ class FlopsCounter:
         self.head_macs = sum(b.in_channels * b.out_channels for b in graph.blocks)
         self._linear_macs = sum(lin.dense_macs for lin in graph.linears)
 
-    def dynamic_macs(self, thresholds: Sequence[torch.Tensor], ratios: Sequence[float] | torch.Tensor) -> torch.Tensor:
-        """Per-sample MACs without heads, [N, R] float64, for per-block thresholds [N, C_b]."""
+    def dynamic_macs(
+        self,
+        thresholds: Sequence[torch.Tensor],
+        ratios: Sequence[float] | torch.Tensor,
+        kept: Sequence[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Per-sample MACs without heads, [N, R] float64, for per-block thresholds [N, C_b].
+
+        ``kept`` optionally passes the per-block ``count_kept(thresholds[b], ratio_levels(ratios))``
+        a caller already has; otherwise each block's counts are computed once here.
+        """
         if len(thresholds) != len(self.graph.blocks):
             raise ValueError(f"expected thresholds for {len(self.graph.blocks)} blocks, got {len(thresholds)}")
         levels = ratio_levels(ratios)
         n = thresholds[0].shape[0] if thresholds else 1
         device = thresholds[0].device if thresholds else torch.device("cpu")
+        counts: list[torch.Tensor | None] = list(kept) if kept is not None else [None] * len(thresholds)
+
+        def kept_of(block: int) -> torch.Tensor:
+            if counts[block] is None:  # a block feeds its own conv and its consumers: count it once
+                counts[block] = count_kept(thresholds[block], levels)
+            return counts[block]
+
         total = torch.full((n, levels.numel()), float(self._linear_macs), dtype=torch.float64, device=device)
         for conv in self.graph.convs:
-            out_t = thresholds[conv.block] if conv.block is not None else None
-            in_t = thresholds[conv.producer] if conv.producer is not None else None
-            total += _conv_macs(conv, out_t, in_t, levels, n, device)
+            total += _conv_macs(conv, thresholds, kept_of, levels, n, device)
         return total
 
     def macs_from_masks(self, masks: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -75,8 +97,8 @@ class FlopsCounter:
 
 def _conv_macs(
     conv: ConvSpec,
-    out_t: torch.Tensor | None,
-    in_t: torch.Tensor | None,
+    thresholds: Sequence[torch.Tensor],
+    kept_of: Callable[[int], torch.Tensor],
     levels: torch.Tensor,
     n: int,
     device: torch.device,
@@ -87,14 +109,16 @@ def _conv_macs(
     out_per_group = conv.out_channels // groups
     in_per_group = conv.in_channels // groups
     r = levels.numel()
-    if out_t is None and in_t is None:
+    out_b, in_b = conv.block, conv.producer
+    if out_b is None and in_b is None:
         return torch.full((n, r), float(conv.dense_macs), dtype=torch.float64, device=device)
-    if out_t is None or in_t is None:
+    if out_b is None or in_b is None:
         # Only one side is gated: the product over groups factorises into (dense side per group) × count.
-        known, dense_per_group = (out_t, in_per_group) if in_t is None else (in_t, out_per_group)
-        return count_kept(known, levels).double() * (dense_per_group * spatial)
+        known, dense_per_group = (out_b, in_per_group) if in_b is None else (in_b, out_per_group)
+        return kept_of(known).double() * (dense_per_group * spatial)
     if groups == 1:
-        return (count_kept(out_t, levels) * count_kept(in_t, levels)).double() * spatial
+        return (kept_of(out_b) * kept_of(in_b)).double() * spatial
+    out_t, in_t = thresholds[out_b], thresholds[in_b]
     if out_per_group == 1 and in_per_group == 1:
         # Depthwise: a channel is computed when both its output and its input are active.
         return count_kept(torch.maximum(out_t, in_t), levels).double() * spatial

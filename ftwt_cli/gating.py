@@ -47,8 +47,9 @@ def keep_thresholds(response: torch.Tensor) -> torch.Tensor:
     sample with any non-zero response gets 0 (always kept); channels whose response is 0 get +inf
     (pruned even at r = 1), so an all-zero sample keeps nothing and no NaN can arise.
     """
-    a = response.detach().to(torch.float64)
-    sorted_a, order = a.sort(dim=1, descending=True, stable=True)
+    # Sort in the response's own dtype (the order is the same), accumulate in float64.
+    sorted_a, order = response.detach().sort(dim=1, descending=True, stable=True)
+    sorted_a = sorted_a.to(torch.float64)
     total = sorted_a.sum(dim=1, keepdim=True)
     cum = sorted_a.cumsum(dim=1) / total.clamp_min(torch.finfo(torch.float64).tiny)
     cum[:, 0] = 0.0
@@ -143,7 +144,8 @@ def binarize(logits: torch.Tensor, straight_through: bool = False) -> torch.Tens
     if not straight_through:
         return hard
     soft = torch.sigmoid(logits)
-    return hard + soft - soft.detach()
+    # soft - soft.detach() is exactly 0, so the forward value is exactly 0/1 ((hard + soft) - soft is not).
+    return hard + (soft - soft.detach())
 
 
 @dataclass

@@ -54,7 +54,7 @@ def resolve_config(profile: str, show: bool = True, **overrides: Any) -> config_
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    console.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+    console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
 
 
 def handle_errors(func: Callable) -> Callable:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Optional
 
 import pandas as pd
+import torch
 import typer
 from rich.table import Table
 
@@ -77,6 +78,7 @@ def _prepare(profile, model, data, checkpoint, samples, batch_size, device, seed
         workers=workers,
     )
     dev = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)  # without a checkpoint the initialised weights must not vary between runs
     loaded = runtime.load_model(cfg, cfg.checkpoint, require="dense")
     gated = runtime.wrap(loaded.model, cfg).to(dev)
     for p in gated.parameters():

@@ -1,0 +1,177 @@
+"""Batch-1 CPU latency of the sparse engine against the dense backbone (the paper's Table 5).
+
+Dense reference: the same weights without heads or masks, with every BN folded into its conv
+(:func:`engine.folded_dense`), run as a plain ``nn.Module``. Dense and engine run alternately on each
+image (their order swapping every image) so that both share the machine's drift; medians are reported.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from ftwt_cli.console import progress_bar
+from ftwt_cli.engine import build_engine, folded_dense
+from ftwt_cli.flops import FlopsCounter
+from ftwt_cli.gating import FTWTModel
+
+
+def _timed(fn, x: torch.Tensor) -> float:
+    start = time.perf_counter_ns()
+    fn(x)
+    return (time.perf_counter_ns() - start) / 1e6
+
+
+def latency_report(
+    model: nn.Module,
+    images: torch.Tensor,
+    threads: int = 1,
+    cache_mb: float = 64.0,
+    warmup: int = 20,
+    calibrate: bool = True,
+    layout_images: torch.Tensor | None = None,
+) -> dict:
+    """Median batch-1 latency of dense vs engine over ``images`` [N, 3, H, W], with FLOPs measured on them.
+
+    ``model`` is an eval-mode FTWTModel (or a dense backbone: the identity case) on CPU. The weight cache
+    is emptied after the warm-up, so its hit rate counts only masks seen during the measured pass.
+    ``calibrate`` times the engine's conv strategies on this machine at build time. ``layout_images``
+    (e.g. training images) fit the engine's static cores (:meth:`SparseEngine.fit_layout`); without
+    them the warm-up images are used (``layout_images`` in the report says which).
+    """
+    if images.dim() != 4 or images.shape[0] == 0:
+        raise ValueError(f"images must be a non-empty [N, 3, H, W] tensor, got shape {tuple(images.shape)}")
+    images = images.detach().cpu()
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        engine = build_engine(model, tuple(images.shape[2:]), cache_mb=cache_mb, calibrate=calibrate)
+        if layout_images is None:
+            layout_source = f"the {warmup} warm-up images (cycled from the timed set)" if warmup else "none"
+            layout_images = images[torch.arange(warmup) % len(images)] if warmup else images[:0]
+        else:
+            layout_source = f"{len(layout_images)} separate images"
+        layout = engine.fit_layout(layout_images.detach().cpu()) if len(layout_images) else {}
+        dense = folded_dense(model, tuple(images.shape[2:]))
+        gated = isinstance(model, FTWTModel)
+        counter = FlopsCounter(model.graph) if gated else None
+        dense_ms, engine_ms, masks = [], [], [[] for _ in range(engine.num_blocks)]
+        with torch.inference_mode():
+            for i in range(warmup):
+                x = images[i % len(images)][None]
+                dense(x)
+                engine(x)
+            engine.cache.clear()
+            counts_before = engine.strategy_counts()
+            with progress_bar("latency (batch 1)", len(images)) as advance:
+                for i, image in enumerate(images):
+                    x = image[None]
+                    if i % 2:
+                        engine_ms.append(_timed(engine, x))
+                        dense_ms.append(_timed(dense, x))
+                    else:
+                        dense_ms.append(_timed(dense, x))
+                        engine_ms.append(_timed(engine, x))
+                    for block, mask in enumerate(engine.block_masks()):
+                        masks[block].append(mask)
+                    advance(info=f"dense {statistics.median(dense_ms):.2f} ms, engine {statistics.median(engine_ms):.2f} ms")
+        counts = {k: v - counts_before.get(k, 0) for k, v in engine.strategy_counts().items()}
+    finally:
+        torch.set_num_threads(previous_threads)
+
+    dense_median, engine_median = statistics.median(dense_ms), statistics.median(engine_ms)
+    latency_reduction = 100.0 * (1.0 - engine_median / dense_median)
+    if counter is not None:
+        macs = counter.macs_from_masks([torch.stack(m) for m in masks])
+        flops_reduction = float(counter.reduction_pct(macs.mean().item()))
+    else:
+        flops_reduction = 0.0
+    return {
+        "samples": len(images),
+        "threads": threads,
+        "warmup": warmup,
+        "dense_ms": dense_median,
+        "engine_ms": engine_median,
+        "dense_p90_ms": _quantile(dense_ms, 0.9),
+        "engine_p90_ms": _quantile(engine_ms, 0.9),
+        "latency_reduction_pct": latency_reduction,
+        "flops_reduction_pct": flops_reduction,
+        "ratio": latency_reduction / flops_reduction if flops_reduction > 0 else float("nan"),
+        "cache_mb": cache_mb,
+        "cache_hit_rate": engine.cache.hit_rate,
+        "calibrated": calibrate,
+        "layout_images": layout_source,
+        "core_mac_fraction": layout.get("mean_core_mac_fraction", float("nan")),
+        "strategy_counts": counts,
+        "dense_reference": "backbone without heads, BN folded into convs",
+    }
+
+
+def kernel_floor(model: FTWTModel, images: torch.Tensor, threads: int = 1, reps: int = 3) -> dict:
+    """What the engine could reach at best with PyTorch's conv kernels: per conv call, the conv on
+    pre-sliced contiguous weights (a perfect cache, no bookkeeping) against the dense conv, alternated,
+    best of ``reps``; and the heads alone. Sums over all (non-grouped) convs, mean per image, in ms.
+
+    ``floor_ratio_no_heads`` = conv time reduction / conv MAC reduction: the engine's ratio cannot beat
+    it; ``floor_ratio_with_heads`` charges the heads too.
+    """
+    images = images.detach().cpu()
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    dense_us: list[float] = []
+    sliced_us: list[float] = []
+    head_us: list[float] = []
+    macs: list[tuple[float, float]] = []  # (dense MACs, sparse MACs) per call
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter_ns()
+            fn()
+            times.append((time.perf_counter_ns() - start) / 1e3)
+        return min(times)
+
+    def probe(step, x, y) -> None:
+        if step.depthwise or step.groups != 1:
+            return
+        xd, xv = x.dense(), x.values
+        rows = torch.from_numpy((y.idx[:, None] * step.in_per_group + x.idx[None, :]).ravel())
+        w = step.rows.index_select(0, rows).view(y.idx.size, x.idx.size, *step.weight.shape[2:])
+        b = step.bias.index_select(0, y.tidx)
+        calls = [(dense_us, lambda: step.conv(xd, step.weight, step.bias))]
+        calls.append((sliced_us, (lambda: step.conv(xv, w, b)) if y.idx.size and x.idx.size else (lambda: None)))
+        for out, fn in calls if len(dense_us) % 2 else calls[::-1]:
+            out.append(best(fn))
+        head_us.append(best(lambda: step.output_mask(x)))
+        full = step.weight[0].numel() * step.out_channels * step.out_hw[0] * step.out_hw[1]
+        macs.append((full, full * y.idx.size * x.idx.size / (step.out_channels * step.in_per_group)))
+
+    try:
+        engine = build_engine(model, tuple(images.shape[2:]), cache_mb=0.0)
+        for _, step in engine.convs:
+            step.probe = probe
+        with torch.inference_mode():
+            for image in images:
+                engine(image[None])
+    finally:
+        torch.set_num_threads(previous_threads)
+    n = len(images)
+    dense_ms, sliced_ms, heads_ms = sum(dense_us) / n / 1e3, sum(sliced_us) / n / 1e3, sum(head_us) / n / 1e3
+    mac_reduction = 1.0 - sum(s for _, s in macs) / sum(d for d, _ in macs)
+    return {
+        "samples": n,
+        "conv_dense_ms": dense_ms,
+        "conv_sliced_ms": sliced_ms,
+        "heads_ms": heads_ms,
+        "conv_mac_reduction_pct": 100.0 * mac_reduction,
+        "conv_time_reduction_pct": 100.0 * (1.0 - sliced_ms / dense_ms),
+        "floor_ratio_no_heads": (1.0 - sliced_ms / dense_ms) / mac_reduction if mac_reduction > 0 else float("nan"),
+        "floor_ratio_with_heads": (1.0 - (sliced_ms + heads_ms) / dense_ms) / mac_reduction if mac_reduction > 0 else float("nan"),
+    }
+
+
+def _quantile(values: list[float], q: float) -> float:
+    return float(torch.tensor(values).quantile(q))

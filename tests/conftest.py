@@ -1,0 +1,42 @@
+"""Shared fixtures: a CLI runner with every plan command registered, and a tiny conv net factory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+
+@pytest.fixture
+def run_cli():
+    """``run_cli(*args)`` → typer Result (stdout and stderr kept apart)."""
+    import ftwt_cli.cli.plan  # noqa: F401 - registers profiles/estimate/search on the app
+    from ftwt_cli.cli import app
+
+    runner = CliRunner()
+    return lambda *args: runner.invoke(app, [str(a) for a in args])
+
+
+class TinyNet(nn.Module):
+    """conv→BN→ReLU→MaxPool→conv→BN→ReLU→GAP→Linear: two gated blocks, the second fed by the first."""
+
+    def __init__(self, num_classes: int = 2, channels: tuple[int, int] = (4, 6)) -> None:
+        super().__init__()
+        c1, c2 = channels
+        self.conv1, self.bn1, self.relu1 = nn.Conv2d(3, c1, 3, padding=1, bias=False), nn.BatchNorm2d(c1), nn.ReLU()
+        self.pool = nn.MaxPool2d(2)
+        self.conv2, self.bn2, self.relu2 = nn.Conv2d(c1, c2, 3, padding=1, bias=False), nn.BatchNorm2d(c2), nn.ReLU()
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c2, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.relu1(self.bn1(self.conv1(x))))
+        x = self.relu2(self.bn2(self.conv2(x)))
+        return self.fc(self.gap(x).flatten(1))
+
+
+@pytest.fixture
+def tiny_net() -> TinyNet:
+    torch.manual_seed(0)
+    return TinyNet().eval()

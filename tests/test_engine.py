@@ -1,0 +1,171 @@
+"""The sparse engine computes exactly what the masked dense model computes, on real CIFAR images."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from ftwt_cli import engine as engine_mod
+from ftwt_cli import runtime
+from ftwt_cli.config import PROFILE_DIR, resolve
+from ftwt_cli.engine import build_engine, folded_dense
+from ftwt_cli.flops import FlopsCounter
+from ftwt_cli.gating import FTWTModel
+from ftwt_cli.latency import latency_report
+from ftwt_cli.models import REGISTRY, create_model
+
+MINI = Path("/work/shared/data/cifar10-mini")
+CIFAR_MODELS = [name for name, entry in REGISTRY.items() if entry.family == "cifar"]
+QUICKSTART = PROFILE_DIR / "checkpoints" / "quickstart-dense.pt"
+
+pytestmark = pytest.mark.skipif(not MINI.is_dir(), reason=f"real test images not found at {MINI}")
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    """Four cifar10-mini test images with the standard CIFAR normalisation."""
+    test = runtime.dataset(resolve(None, data=f"imagefolder:{MINI}"), "test")
+    return torch.stack([test[i][0] for i in (0, 250, 500, 750)])
+
+
+def randomize_bn(model: nn.Module) -> nn.Module:
+    """Non-trivial BN statistics, so that folding them into the convs is actually exercised."""
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            c = m.num_features
+            m.running_mean.copy_(0.1 * torch.randn(c, generator=g))
+            m.running_var.copy_(0.5 + 1.5 * torch.rand(c, generator=g))
+            m.weight.data.copy_(0.5 + torch.rand(c, generator=g))
+            m.bias.data.copy_(0.1 * torch.randn(c, generator=g))
+    return model
+
+
+def gated(backbone: nn.Module) -> FTWTModel:
+    """Wrap with heads whose masks keep about half the channels and vary from sample to sample."""
+    torch.manual_seed(0)
+    model = FTWTModel(backbone, (32, 32))
+    for head in model.heads():
+        # The head sees a softmax (entries ~1/C): scale weights by C so the logits spread around 0.
+        nn.init.normal_(head.proj.weight, std=2 * math.sqrt(head.proj.in_features))
+        nn.init.zeros_(head.proj.bias)
+    return model.eval().configure(mask_source="predicted", record=True)
+
+
+def check_equivalent(model: FTWTModel, images: torch.Tensor, fit_images: torch.Tensor | None = None, **engine_kwargs):
+    with torch.no_grad():
+        expected = model(images)
+    masks = [r.mask.bool() for r in model.records()]
+    kept = torch.cat([m.float().mean(dim=1) for m in masks]).mean().item()
+    assert 0.25 < kept < 0.75, f"test heads should keep about half the channels, kept {kept:.2f}"
+    assert any(not torch.equal(m[0], m[1]) for m in masks), "masks should vary per sample"
+    engine = build_engine(model, **engine_kwargs)
+    if fit_images is not None:
+        engine.fit_layout(fit_images)
+    got = engine(images)
+    assert (got - expected).abs().max().item() < 1e-4
+    # The engine's own masks (last sample) are the model's predicted masks.
+    for engine_mask, model_mask in zip(engine.block_masks(), masks):
+        assert torch.equal(engine_mask, model_mask[-1])
+    return engine
+
+
+@pytest.mark.parametrize("name", CIFAR_MODELS)
+def test_engine_matches_masked_model(name, images):
+    check_equivalent(gated(randomize_bn(create_model(name, 10))), images)
+
+
+@pytest.mark.skipif(not QUICKSTART.is_file(), reason=f"quickstart checkpoint {QUICKSTART} not built yet")
+def test_engine_matches_quickstart_model(images):
+    cfg = resolve("quickstart")
+    dense = runtime.load_model(cfg, str(QUICKSTART), require="dense").model
+    check_equivalent(gated(dense), images)
+
+
+@pytest.mark.parametrize("name", ["smallnet", "resnet20", "mobilenetv1"])
+def test_dense_backbone_is_the_identity_case(name, images):
+    backbone = randomize_bn(create_model(name, 10)).eval()
+    with torch.no_grad():
+        expected = backbone(images)
+        folded = folded_dense(backbone, (32, 32))(images)
+    assert (folded - expected).abs().max().item() < 1e-4
+    assert (build_engine(backbone, (32, 32))(images) - expected).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("gather_cost", [0.0, 1e12])
+def test_sliced_and_masked_dense_paths_agree(gather_cost, images, monkeypatch):
+    """0: every conv slices its weights; huge: every conv runs masked dense and selects its filters."""
+    monkeypatch.setattr(engine_mod, "GATHER_COST_MACS", gather_cost)
+    check_equivalent(gated(randomize_bn(create_model("smallnet", 10))), images)
+
+
+def test_weight_cache_hits_repeated_masks_and_respects_its_budget(images):
+    model = gated(randomize_bn(create_model("smallnet", 10)))
+    engine = build_engine(model, cache_mb=64.0)
+    first = engine(images)
+    misses = engine.cache.lookups - engine.cache.hits
+    assert misses > 0
+    second = engine(images)  # same images, same masks: every lookup now hits
+    assert torch.equal(first, second)
+    assert engine.cache.lookups - engine.cache.hits == misses
+    tiny = build_engine(model, cache_mb=0.01)
+    assert torch.allclose(tiny(images), first, atol=1e-6)
+    assert 0 < tiny.cache.used <= tiny.cache.budget
+
+
+def test_latency_report_measures_flops_from_predicted_masks(images):
+    model = gated(randomize_bn(create_model("smallnet", 10)))
+    threads = torch.get_num_threads()
+    report = latency_report(model, images, threads=1, cache_mb=8.0, warmup=1)
+    assert torch.get_num_threads() == threads
+    for key in ("samples", "threads", "dense_ms", "engine_ms", "latency_reduction_pct", "flops_reduction_pct", "ratio", "cache_hit_rate"):
+        assert key in report
+    assert report["samples"] == len(images) and report["dense_ms"] > 0 and report["engine_ms"] > 0
+    with torch.no_grad():
+        model(images)
+    counter = FlopsCounter(model.graph)
+    expected = counter.reduction_pct(counter.macs_from_masks([r.mask for r in model.records()]).mean().item())
+    assert report["flops_reduction_pct"] == pytest.approx(float(expected), abs=1e-6)
+    assert report["ratio"] == pytest.approx(report["latency_reduction_pct"] / report["flops_reduction_pct"])
+    dense = latency_report(create_model("smallnet", 10).eval(), images[:2], warmup=0)
+    assert dense["flops_reduction_pct"] == 0.0 and math.isnan(dense["ratio"])
+
+
+@pytest.mark.parametrize(
+    ("name", "strategy"),
+    [(name, strategy) for name in ("smallnet", "resnet20") for strategy in engine_mod.STRATEGIES]
+    + [("mobilenetv1", "auto"), ("mobilenetv1", "core")],
+)
+def test_every_strategy_gives_the_same_logits(name, strategy, images):
+    """Forced paths (and auto, with a static core fitted on 2 of the 4 images) all equal the masked model."""
+    model = gated(randomize_bn(create_model(name, 10)))
+    for cache_mb in (0.0, 64.0):
+        engine = check_equivalent(model, images, fit_images=images[:2], strategy=strategy, cache_mb=cache_mb)
+        counts = engine.strategy_counts()
+        if strategy in ("slice", "rows", "dense", "core") and name != "mobilenetv1":
+            assert counts[strategy if strategy in ("dense", "core") else f"{strategy}_miss"] > 0, counts
+
+
+def test_core_path_handles_filters_and_inputs_outside_the_core(images):
+    """A core fitted on one image misses filters and inputs other images use: extras are sliced and
+    merged, calls with inputs outside the core fall back to slicing; logits stay exact."""
+    model = gated(randomize_bn(create_model("resnet20", 10)))
+    engine = build_engine(model, cache_mb=0.0, strategy="core")
+    fitted = engine.fit_layout(images[:1], threshold=0.9)
+    assert fitted["layers_with_core"] > 0 and 0 < fitted["mean_core_mac_fraction"] < 1
+    with torch.no_grad():
+        expected = model(images)
+    assert (engine(images) - expected).abs().max().item() < 1e-4
+    counts = engine.strategy_counts()
+    assert counts["core"] > 0 and counts["core_extra"] > 0 and counts["slice_miss"] > 0, counts
+
+
+def test_calibrated_cost_model_stays_exact(images):
+    model = gated(randomize_bn(create_model("resnet20", 10)))
+    engine = check_equivalent(model, images, fit_images=images[:2], calibrate=True)
+    costs = [step.costs for _, step in engine.convs if step.costs]
+    assert costs and all(c["t_full"] > 0 and c["conv_per_mac"] >= 0 for c in costs)
