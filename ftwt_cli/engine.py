@@ -44,8 +44,8 @@ from torch.fx.node import map_arg
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights
 
-from ftwt_cli.gating import FTWTModel, GatedBlock, _replace_submodule
-from ftwt_cli.graph import _is_zero_preserving, analyze
+from ftwt_cli.gating import FTWTModel, GatedBlock, replace_submodule
+from ftwt_cli.graph import is_zero_preserving, analyze
 
 #: Conv strategies (``build_engine(strategy=...)``): "auto" picks per call from the cost model;
 #: "core" needs :meth:`SparseEngine.fit_layout` (it falls back to "slice" where the core cannot serve).
@@ -225,7 +225,8 @@ class ConvStep:
         self.counts = dict.fromkeys(("slice_hit", "slice_miss", "rows_hit", "rows_miss", "dense", "core", "core_extra"), 0)
         self.core: _Core | None = None  # set by fit()
         self.probe = None  # optional callable(step, input Compact, output Compact), e.g. latency.kernel_floor
-        self.hits = self.lookups = 0  # this layer's 2-D slice cache record: how often its masks repeat
+        self.repeats = self.lookups = 0  # how often this layer's (output, input) masks come back
+        self.seen_keys: set[tuple] = set()
         self.seen: list[tuple[np.ndarray, np.ndarray]] | None = None  # (out mask, in mask) while fitting
 
     # -- the head -------------------------------------------------------------------------------
@@ -283,10 +284,13 @@ class ConvStep:
             okey = mask.tobytes()
         key = (self.key, okey, x.key) if cache.budget > 0 else None
         sliced = None if key is None or strategy in ("rows", "dense", "core") else cache.lookup(key)
-        if key is not None:
+        if key is not None:  # how often this layer's masks repeat, whichever path served them
             self.lookups += 1
+            if key in self.seen_keys:
+                self.repeats += 1
+            elif len(self.seen_keys) < 4096:
+                self.seen_keys.add(key)
         if sliced is not None:
-            self.hits += 1
             self.counts["slice_hit"] += 1
             return self.conv(x.values, *sliced)
         core = self.core
@@ -331,9 +335,11 @@ class ConvStep:
         O, I = self.out_channels, self.in_per_group
         costs = self.costs
         extra = 0 if core is None else ko - int(np.count_nonzero(mask & core.out_mask))
-        # A slice is stored and reused when the masks repeat: charge its gather by the chance that this
-        # layer's masks do not come back (its own hit rate so far, with a prior of 1/2).
-        fresh = 1.0 - (self.hits + 1) / (self.lookups + 2) if self.cache.budget > 0 else 1.0
+        # A slice is stored and reused when the masks repeat: where this layer's masks mostly come back,
+        # slice (and cache) on every miss; otherwise charge the gather by the chance they do not.
+        fresh = 1.0 - (self.repeats + 1) / (self.lookups + 2) if self.cache.budget > 0 else 1.0
+        if fresh < 0.5:
+            return "slice"
         if costs is None:  # the uncalibrated MAC model, in MAC units
             options = {"slice": ko * ki * (1.0 + self.gather_cost), "dense": float(O * I)}
             if core is not None:
@@ -359,16 +365,39 @@ class ConvStep:
         self.core = None
         if not seen or self.depthwise or self.groups != 1:
             return
-        threshold = CORE_THRESHOLD if threshold is None else threshold
-        in_freq = np.mean([m for _, m in seen], axis=0)
+        in_mask = np.mean([m for _, m in seen], axis=0) > 0
         if seen[0][0] is None:
             out_mask = np.ones(self.out_channels, dtype=bool)
         else:
-            out_mask = np.mean([m for m, _ in seen], axis=0) >= threshold
-        in_mask = in_freq > 0
+            outs = np.stack([m for m, _ in seen])
+            freq = outs.mean(axis=0)
+            if threshold is None:
+                threshold = self._best_threshold(outs, freq, in_mask, np.array([m.sum() for _, m in seen]))
+            out_mask = freq >= threshold
         if not out_mask.any() or not in_mask.any():
             return
         self.core = _Core(self, out_mask, in_mask)
+
+    def _best_threshold(self, outs: np.ndarray, freq: np.ndarray, in_mask: np.ndarray, ki: np.ndarray) -> float:
+        """CORE_THRESHOLD, or with calibrated costs the candidate threshold whose core serves the fitting
+        samples cheapest (a bigger core costs MACs on every call; a smaller one an extra sliced conv)."""
+        costs = self.costs
+        if not costs:
+            return CORE_THRESHOLD
+        a, b, g = costs["conv_fixed"], costs["conv_per_mac"], costs["gather2d"]
+        O, I, n_in = self.out_channels, self.in_per_group, int(in_mask.sum())
+        best, best_cost = CORE_THRESHOLD, float("inf")
+        for threshold in (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7):
+            core = freq >= threshold
+            n_core = int(core.sum())
+            if n_core == 0:
+                continue
+            extra = (outs & ~core).sum(axis=1)  # kept filters outside the core, per sample
+            extra_cost = np.where(extra > 0, a + g * extra * ki + b * extra * ki / (O * I) + 2 * costs["select"], 0.0)
+            cost = a + b * n_core * n_in / (O * I) + costs["select"] + float(extra_cost.mean())
+            if cost < best_cost:
+                best, best_cost = threshold, cost
+        return best
 
     def _core(self, x: Compact, mask, oidx, ko: int, ki: int, core: "_Core") -> torch.Tensor:
         """Conv with the static core weights (kept-often filters × ever-active inputs), then select;
@@ -494,13 +523,13 @@ def folded_dense(model: nn.Module, input_size: tuple[int, int]) -> nn.Module:
         backbone = copy.deepcopy(model.backbone).eval()
         for spec in model.graph.blocks:
             gated = backbone.get_submodule(spec.conv)
-            _replace_submodule(backbone, spec.conv, fuse_conv_bn_eval(gated.conv, gated.bn))
+            replace_submodule(backbone, spec.conv, fuse_conv_bn_eval(gated.conv, gated.bn))
         return backbone
     backbone = copy.deepcopy(model).eval()
     for spec in analyze(backbone, input_size).blocks:
         folded = fuse_conv_bn_eval(backbone.get_submodule(spec.conv), backbone.get_submodule(spec.bn))
-        _replace_submodule(backbone, spec.conv, folded)
-        _replace_submodule(backbone, spec.bn, nn.Identity())
+        replace_submodule(backbone, spec.conv, folded)
+        replace_submodule(backbone, spec.bn, nn.Identity())
     return backbone
 
 
@@ -520,9 +549,20 @@ class SparseEngine(nn.Module):
             ShapeProp(self.graph_module).propagate(torch.zeros(1, 3, *input_size, dtype=param.dtype))
         self.modules_by_name = dict(self.graph_module.named_modules())
         self.convs: list[tuple[int | None, ConvStep]] = []  # (block index or None, step)
-        self.slot = {node: i for i, node in enumerate(self.graph_module.graph.nodes)}
-        # Compiled program: (output slot, step(slots) -> value); slot 0.. are the nodes in graph order.
-        self.program = [(self.slot[node], self._handler(node)) for node in self.graph_module.graph.nodes]
+        # Compiled program: (output slot, step(slots) -> value); slot i is the i-th node in graph order,
+        # except that identity layers (nn.Identity: the BNs folded away; eval-mode dropout) get no step
+        # and share their input's slot.
+        self.slot: dict[torch.fx.Node, int] = {}
+        self.program = []
+        for i, node in enumerate(self.graph_module.graph.nodes):
+            module = self.modules_by_name.get(node.target) if node.op == "call_module" else None
+            identity = isinstance(module, nn.Identity) or (isinstance(module, nn.Dropout) and not module.training)
+            if identity and len(node.args) == 1 and not node.kwargs and isinstance(node.args[0], torch.fx.Node):
+                self.slot[node] = self.slot[node.args[0]]
+                continue
+            self.slot[node] = i
+            self.program.append((i, self._handler(node)))
+        self.num_slots = len(self.slot)
 
     @property
     def num_blocks(self) -> int:
@@ -543,7 +583,8 @@ class SparseEngine(nn.Module):
 
     def fit_layout(self, images: torch.Tensor, threshold: float | None = None) -> dict[str, float]:
         """Run ``images`` [N, 3, H, W] and give every conv a static core: the filters kept in at least
-        ``threshold`` (default ``CORE_THRESHOLD``) of them × the inputs ever active, stored contiguously.
+        ``threshold`` of them × the inputs ever active, stored contiguously. Default threshold: per
+        layer, the cheapest candidate under the calibrated costs, else ``CORE_THRESHOLD``.
         The core serves a call without gathering weights (kept filters outside it are sliced and merged;
         a call with an active input outside it uses the other strategies), so results stay exact.
         Returns the mean core size as a fraction of the dense MACs."""
@@ -586,7 +627,7 @@ class SparseEngine(nn.Module):
         if isinstance(module, nn.Linear):
             i = slot[node.args[0]]
             return lambda s: _linear(module, _as_compact(s[i]))
-        if _is_zero_preserving(node, self.modules_by_name) and isinstance(node.args[0], torch.fx.Node):
+        if is_zero_preserving(node, self.modules_by_name) and isinstance(node.args[0], torch.fx.Node):
             return self._channelwise(node, module)
         if node.op == "call_function" and node.target in (operator.add, torch.add, operator.iadd) and len(node.args) == 2:
             a, b = node.args
@@ -651,7 +692,7 @@ class SparseEngine(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] != 1:  # each sample has its own masks: run them one by one
             return torch.cat([self.forward(sample[None]) for sample in x])
-        s: list = [None] * len(self.program) + [x]
+        s: list = [None] * self.num_slots + [x]
         for out, step in self.program:
             s[out] = step(s)
         return s[self.program[-1][0]]

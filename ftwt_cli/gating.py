@@ -243,8 +243,8 @@ class FTWTModel(nn.Module):
             head = DecisionHead(conv.in_channels, conv.out_channels, softmax=head_softmax)
             head.to(device=conv.weight.device, dtype=conv.weight.dtype)
             block = GatedBlock(conv, bn, head, spec.activation, spec.monotone_activation)
-            _replace_submodule(backbone, spec.conv, block)
-            _replace_submodule(backbone, spec.bn, nn.Identity())
+            replace_submodule(backbone, spec.conv, block)
+            replace_submodule(backbone, spec.bn, nn.Identity())
             blocks.append(block)
         self.backbone = backbone
         self.__dict__["blocks"] = blocks  # graph order; not registered twice in the state dict
@@ -304,7 +304,7 @@ def head_loss(records: list[BlockRecord], target: Target) -> torch.Tensor:
     return torch.stack(losses).mean()
 
 
-def _replace_submodule(root: nn.Module, qualified_name: str, new: nn.Module) -> None:
+def replace_submodule(root: nn.Module, qualified_name: str, new: nn.Module) -> None:
     parent_name, _, child = qualified_name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, new)

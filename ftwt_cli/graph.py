@@ -128,7 +128,7 @@ def _activation_of(node: torch.fx.Node, modules: dict[str, nn.Module]) -> tuple[
     return None
 
 
-def _is_zero_preserving(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
+def is_zero_preserving(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
     if _activation_of(node, modules) is not None:
         return True
     if node.op == "call_module":
@@ -197,7 +197,7 @@ def analyze(model: nn.Module, input_size: tuple[int, int]) -> ModelGraph:
                 if source in block_of_bn:
                     producer = block_of_bn[source]
                     break
-                if not _is_zero_preserving(source, modules) or not source.args:
+                if not is_zero_preserving(source, modules) or not source.args:
                     break
                 source = source.args[0]
             graph.convs.append(

@@ -8,6 +8,15 @@ from torch import nn
 from typer.testing import CliRunner
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Tiny models run several times faster with one intra-op thread on a small, shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def run_cli():
     """``run_cli(*args)`` → typer Result (stdout and stderr kept apart)."""

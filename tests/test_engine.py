@@ -169,3 +169,13 @@ def test_calibrated_cost_model_stays_exact(images):
     engine = check_equivalent(model, images, fit_images=images[:2], calibrate=True)
     costs = [step.costs for _, step in engine.convs if step.costs]
     assert costs and all(c["t_full"] > 0 and c["conv_per_mac"] >= 0 for c in costs)
+
+
+def test_kernel_floor_reports_sliced_conv_bound(images):
+    from ftwt_cli.latency import kernel_floor
+
+    model = gated(randomize_bn(create_model("smallnet", 10)))
+    floor = kernel_floor(model, images[:2], reps=1)
+    assert floor["samples"] == 2 and floor["conv_dense_ms"] > 0 and floor["conv_sliced_ms"] > 0
+    assert 0 < floor["conv_mac_reduction_pct"] < 100
+    assert floor["floor_ratio_with_heads"] <= floor["floor_ratio_no_heads"]

@@ -21,15 +21,6 @@ from ftwt_cli.models import create_model
 R = make_target("mass", 0.9)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared CPU: one intra-op thread is several times faster than two contended ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def smoke_cfg():
     return resolve("smoke")
