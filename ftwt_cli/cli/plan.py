@@ -62,21 +62,9 @@ def _check_target(target: float | None) -> None:
         raise BadInput(f"--target-flops is a percent of FLOPs to remove and must be in (0, 100), got {target:g}")
 
 
-def _prepare(profile, model, data, checkpoint, samples, batch_size, device, seed, data_root, download, workers):
+def _prepare(profile: str, **overrides):
     """Resolve the configuration, then the frozen dense model (gated, masks off) and the training data."""
-    cfg = resolve_config(
-        profile,
-        model=model,
-        data=data,
-        checkpoint=checkpoint,
-        samples=samples,
-        batch_size=batch_size,
-        device=device,
-        seed=seed,
-        data_root=data_root,
-        download=download,
-        workers=workers,
-    )
+    cfg = resolve_config(profile, **overrides)
     dev = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)  # without a checkpoint the initialised weights must not vary between runs
     loaded = runtime.load_model(cfg, cfg.checkpoint, require="dense")
@@ -112,8 +100,9 @@ def estimate_command(
     """Expected FLOPs reduction of every r, from ONE pass of the trained dense model over training data."""
     _check_target(target_flops)
     cfg, dev, loaded, gated, loader = _prepare(
-        profile, model, data, checkpoint, samples, batch_size, device, seed, data_root, download, workers
-    )
+        profile, model=model, data=data, checkpoint=checkpoint, samples=samples, batch_size=batch_size,
+        device=device, seed=seed, data_root=data_root, download=download, workers=workers,
+    )  # fmt: skip
     ratio_list = parse_ratios(ratios if ratios is not None else cfg.ratios)
     est = estimate(gated, loader, ratio_list, dev)
     chosen = est.nearest(target_flops) if target_flops is not None else None
@@ -190,8 +179,9 @@ def search_command(
     if tolerance <= 0:
         raise BadInput(f"--tolerance must be positive, got {tolerance:g}")
     _cfg, dev, _loaded, gated, loader = _prepare(
-        profile, model, data, checkpoint, samples, batch_size, device, seed, data_root, download, workers
-    )
+        profile, model=model, data=data, checkpoint=checkpoint, samples=samples, batch_size=batch_size,
+        device=device, seed=seed, data_root=data_root, download=download, workers=workers,
+    )  # fmt: skip
     try:
         result = find_ratio(gated, loader, dev, target_flops, tolerance, cascade)
     except UnreachableTarget as exc:

@@ -40,7 +40,7 @@ def _given(**options) -> list[str]:
 def train_command(
     dense: Annotated[bool, typer.Option("--dense", help="Train the plain backbone (the baseline FTWT starts from).")] = False,
     init: Annotated[
-        Optional[str], typer.Option("--init", help="Dense checkpoint to start FTWT from (default: the profile's).")
+        Optional[str], typer.Option("--init", "--checkpoint", help="Dense checkpoint to start FTWT from (default: the profile's).")
     ] = None,
     r: Annotated[Optional[float], typer.Option("--r", "--ratio", help="Mass ratio of the targets, in (0, 1] (--ratio under torchrun, whose own parser claims --r).")] = None,
     target_flops: TargetOpt = None,
