@@ -33,7 +33,9 @@ from ftwt_cli.estimate import estimate
 from ftwt_cli.gating import FTWTModel
 from ftwt_cli.models import create_model
 
-DEFAULT_DATA = "/work/shared/data/cifar10-mini"
+from _common import CIFAR10_MINI  # noqa: E402 - benchmarks/ is on sys.path when run as a script
+
+DEFAULT_DATA = CIFAR10_MINI
 GOAL = 1.15
 RATIO_SETS = {"est21": 21, "est101": 101}
 

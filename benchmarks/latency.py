@@ -23,8 +23,10 @@ from ftwt_cli.config import resolve
 from ftwt_cli.console import console, emit_json
 from ftwt_cli.latency import kernel_floor, latency_report
 
+from _common import CIFAR10_MINI  # noqa: E402 - benchmarks/ is on sys.path when run as a script
+
 ROOT = Path(__file__).resolve().parent.parent
-DATA = "imagefolder:/work/shared/data/cifar10-mini"
+DATA = f"imagefolder:{CIFAR10_MINI}"
 MODELS = ("vgg16_bn", "resnet56")
 
 

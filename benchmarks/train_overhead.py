@@ -32,7 +32,9 @@ from ftwt_cli.gating import FTWTModel, make_target
 from ftwt_cli.models import create_model
 from ftwt_cli.train import Objective, RunSpec, build_optimizers, train_step
 
-DEFAULT_DATA = "/work/shared/data/cifar10-mini"
+from _common import CIFAR10_MINI  # noqa: E402 - benchmarks/ is on sys.path when run as a script
+
+DEFAULT_DATA = CIFAR10_MINI
 GOAL = 1.15
 WARMUP_STEPS = 2
 

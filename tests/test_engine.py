@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from ftwt_cli.gating import FTWTModel
 from ftwt_cli.latency import latency_report
 from ftwt_cli.models import REGISTRY, create_model
 
-MINI = Path("/work/shared/data/cifar10-mini")
+MINI = Path(os.environ.get("FTWT_CIFAR10_MINI", Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-mini"))
 CIFAR_MODELS = [name for name, entry in REGISTRY.items() if entry.family == "cifar"]
 QUICKSTART = PROFILE_DIR / "checkpoints" / "quickstart-dense.pt"
 
