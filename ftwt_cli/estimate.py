@@ -15,7 +15,7 @@ import torch
 
 from ftwt_cli.console import progress_bar
 from ftwt_cli.flops import FlopsCounter, count_kept, ratio_levels, thresholds_from_masks
-from ftwt_cli.gating import CumulativeMassTarget, FTWTModel, keep_thresholds
+from ftwt_cli.gating import CumulativeMassTarget, FTWTModel, keep_thresholds, rowwise_by_width
 
 #: Bisection runs on this dyadic grid of r, so every midpoint it visits is a grid point whose
 #: statistics the single data pass already holds (2^-12 ≈ 2.4e-4 resolution).
@@ -70,7 +70,7 @@ class EstimateAccumulator:
         self.samples = 0
 
     def update(self, thresholds: list[torch.Tensor]) -> None:
-        kept = [count_kept(t, self.levels) for t in thresholds]  # shared with the MAC count
+        kept = rowwise_by_width(lambda t: count_kept(t, self.levels), thresholds)  # shared with the MAC count
         self.sum_macs += self.counter.dynamic_macs(thresholds, self.ratios, kept=kept).sum(dim=0)
         for b, (t, k) in enumerate(zip(thresholds, kept)):
             self.sum_kept[b] += k.sum(dim=0).double() / t.shape[1]
@@ -105,7 +105,7 @@ def estimate(model: FTWTModel, loader: Iterable, ratios: list[float], device: to
     try:
         for images in _batches(loader, device, "estimate"):
             model(images)
-            acc.update([keep_thresholds(rec.response) for rec in model.records()])
+            acc.update(rowwise_by_width(keep_thresholds, [rec.response for rec in model.records()]))
     finally:
         model.configure(record=False)
     return acc.result([b.conv for b in model.graph.blocks])

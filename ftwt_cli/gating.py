@@ -57,6 +57,23 @@ def keep_thresholds(response: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(cum).scatter_(1, order, cum).to(torch.float32)
 
 
+def rowwise_by_width(fn: Callable[[torch.Tensor], torch.Tensor], tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Apply a row-independent ``fn`` ([M, C] → [M, ...]) to every tensor, one call per distinct width.
+
+    Blocks of equal width are stacked along the rows first: a ResNet56 step then makes 3 calls instead
+    of 55, which matters because these per-block tensors are small and per-call overhead dominates.
+    """
+    groups: dict[int, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault(t.shape[1], []).append(i)
+    out: list[torch.Tensor] = [torch.empty(0)] * len(tensors)
+    for members in groups.values():
+        joined = fn(torch.cat([tensors[i] for i in members]))
+        for i, part in zip(members, joined.split([tensors[i].shape[0] for i in members])):
+            out[i] = part
+    return out
+
+
 def ground_truth_mask(activations: torch.Tensor, r: float) -> torch.Tensor:
     """Algorithm 1: activations [N, C, H, W] → bool [N, C], True = keep."""
     return CumulativeMassTarget(r).mask(channel_response(activations))
