@@ -243,9 +243,19 @@ class EvaluatedModel:
         self.block_names = [b.conv for b in self.graph.blocks]
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor] | None]:
-        """Logits, applied masks per block (all-True for dense) and ground-truth masks (None for dense)."""
+    def forward(
+        self, images: torch.Tensor, analyse: bool = True
+    ) -> tuple[torch.Tensor, list[torch.Tensor] | None, list[torch.Tensor] | None]:
+        """Logits, applied masks per block (all-True for dense) and ground-truth masks (None for dense).
+
+        With ``analyse=False`` (perturbed passes score logits only) nothing is recorded and both mask
+        lists are None, so those passes cost a plain masked forward.
+        """
+        if isinstance(self.model, FTWTModel):
+            self.model.configure(record=analyse)
         logits = self.model(images)
+        if not analyse:
+            return logits, None, None
         if self.target is None:
             n = images.shape[0]
             ones = [torch.ones(n, b.out_channels, dtype=torch.bool, device=images.device) for b in self.graph.blocks]
@@ -375,7 +385,7 @@ def _pass(
             labels = labels.to(device, non_blocking=True)
             inputs = normalize(perturbation.apply(images, seed, batch_index))
             for i, model in enumerate(models):
-                logits, applied, truth = model.forward(inputs)
+                logits, applied, truth = model.forward(inputs, analyse)
                 scores[i].update(logits, labels)
                 if analyse:
                     masks[i].update(applied, truth)
