@@ -1,0 +1,375 @@
+"""Static pruning baselines through torch-pruning: the comparisons FTWT has to win (paper Tables 1 and 6).
+
+Layering follows torch-pruning's own: its ``DependencyGraph`` says which layers are coupled (residual
+adds, depthwise convs, BN), its importance criteria say which filters matter, and this module only
+decides how many filters go so that ftwt's own MAC accounting (:mod:`ftwt_cli.flops`) reaches a target:
+
+* ``uniform``  the same fraction of filters from every prunable conv, ranked by L1 norm
+               (``MagnitudeImportance(p=1)``); the fraction is bisected on the measured reduction;
+* ``taylor``   global first-order Taylor importance (Molchanov et al., CVPR 2019) over a few
+               mini-batches, pruned in shrinking steps, gradients recomputed before every step,
+               until the target is reached;
+* ``counts``   a predefined signature: per-layer kept-filter counts (L1 ranking within each layer).
+
+Only conv output channels are pruned; linear layers (the classifier) stay whole. A group torch-pruning
+cannot prune consistently is left whole: the CIFAR ResNets' option-A shortcut (subsample + zero-pad,
+no parameters) joins residual streams of different widths, which the dependency graph cannot map, so
+there only the first conv of every basic block is pruned (as in Li et al., ICLR 2017). Such groups
+are found by a trial prune of one filter per group, not by model name.
+
+A pruned model is stored without pickling modules: the checkpoint meta carries torch-pruning's
+pruning history (module names and removed indices, plain lists), and :func:`restore` replays it on a
+freshly created dense model before the state dict is loaded.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+import torch_pruning as tp
+from torch import nn
+
+from ftwt_cli.errors import BadInput
+from ftwt_cli.graph import analyze
+
+METHODS = ("uniform", "taylor")
+#: Accepted distance (points) between the target FLOPs reduction and the pruned model's.
+TOLERANCE = 0.5
+#: Largest fraction of a layer's filters any method may remove (a layer never disappears).
+MAX_LAYER_FRACTION = 0.9
+#: Mini-batches whose summed gradients score the filters before each Taylor step.
+TAYLOR_BATCHES = 4
+TAYLOR_MAX_STEPS = 80
+BISECTION_STEPS = 18
+
+
+@dataclass
+class StaticResult:
+    """A pruned model and how it was reached; ``history`` rebuilds it (see :func:`restore`)."""
+
+    model: nn.Module
+    method: str
+    target_pct: float | None
+    dense_macs: int
+    macs: int
+    history: list = field(default_factory=list)
+    fraction: float | None = None  # uniform: the bisected fraction of filters removed per layer
+    steps: int = 0  # taylor: pruning steps taken
+    kept: dict[str, int] = field(default_factory=dict)  # gated block conv name → filters kept
+    whole: list[str] = field(default_factory=list)  # convs left whole (groups torch-pruning cannot prune)
+
+    @property
+    def reduction_pct(self) -> float:
+        return 100.0 * (1.0 - self.macs / self.dense_macs)
+
+    def meta(self) -> dict:
+        """The checkpoint meta fields of a static model (plain values only)."""
+        return {
+            "kind": "static",
+            "method": self.method,
+            "target_flops": self.target_pct,
+            "dense_macs": int(self.dense_macs),
+            "static_macs": int(self.macs),
+            "static_reduction_pct": self.reduction_pct,
+            "pruning_history": plain_history(self.history),
+            "kept_filters": dict(self.kept),
+        }
+
+
+# ---------------------------------------------------------------------------------------------------
+# Graph helpers
+
+
+def example_input(model: nn.Module, input_size: tuple[int, int]) -> torch.Tensor:
+    param = next(model.parameters())
+    return torch.zeros(1, 3, *input_size, device=param.device, dtype=param.dtype)
+
+
+def macs_of(model: nn.Module, input_size: tuple[int, int]) -> int:
+    """Dense MACs of conv and linear layers, ftwt's accounting (the same number every command reports)."""
+    return int(analyze(model, input_size).dense_macs)
+
+
+def plain_history(history: Iterable) -> list:
+    """torch-pruning's history as JSON/``weights_only``-safe lists: [module name, out-channels?, [indices]]."""
+    return [[str(name), bool(is_out), [int(i) for i in idxs]] for name, is_out, idxs in history]
+
+
+def _dependency_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+
+
+def _out_pruned_convs(graph: tp.DependencyGraph, group) -> list[nn.Conv2d]:
+    return [
+        dep.target.module
+        for dep, _ in group
+        if isinstance(dep.target.module, nn.Conv2d) and graph.is_out_channel_pruning_fn(dep.handler)
+    ]
+
+
+def _conv_groups(graph: tp.DependencyGraph, ignored: list[nn.Module]) -> list:
+    return list(graph.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d]))
+
+
+def unprunable_convs(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """Names of convs in groups whose pruning breaks the forward pass (found by trial, on copies).
+
+    One filter of every group is removed in turn; the first group after which the model no longer
+    runs (or changes its output shape) is marked and the trial restarts on a fresh copy without it.
+    """
+    with torch.no_grad():
+        reference = model(example).shape
+    marked: list[str] = []
+    while True:
+        trial = copy.deepcopy(model)
+        names = {m: n for n, m in trial.named_modules()}
+        graph = _dependency_graph(trial, example)
+        ignored = [trial.get_submodule(n) for n in marked] + _linears(trial)
+        broken = None
+        for group in _conv_groups(graph, ignored):
+            root = group[0].dep.target.module
+            members = [names[c] for c in _out_pruned_convs(graph, group)]
+            if root.out_channels < 2:
+                continue
+            graph.get_pruning_group(root, graph.get_pruner_of_module(root).prune_out_channels, [0]).prune()
+            try:
+                with torch.no_grad():
+                    ok = trial(example).shape == reference
+            except Exception:  # noqa: BLE001 - any failure means this group cannot be pruned alone
+                ok = False
+            if not ok:
+                broken = members
+                break
+        if broken is None:
+            return marked
+        marked.extend(broken)
+
+
+def _linears(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, nn.Linear)]
+
+
+def _ignored(model: nn.Module, whole: list[str]) -> list[nn.Module]:
+    return [model.get_submodule(n) for n in whole] + _linears(model)
+
+
+def kept_counts(pruned: nn.Module, block_convs: list[str]) -> dict[str, int]:
+    """Filters each gated block conv keeps in ``pruned`` (names are dense backbone names)."""
+    return {name: int(pruned.get_submodule(name).out_channels) for name in block_convs}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Methods
+
+
+def prune_uniform(model: nn.Module, fraction: float, example: torch.Tensor, whole: list[str]) -> list:
+    """Remove ``fraction`` of the filters of every prunable group (L1 ranking) in place; returns the history."""
+    pruner = tp.pruner.MetaPruner(
+        model,
+        example,
+        importance=tp.importance.MagnitudeImportance(p=1),
+        pruning_ratio=fraction,
+        ignored_layers=_ignored(model, whole),
+        root_module_types=[nn.Conv2d],
+    )
+    pruner.step()
+    return plain_history(pruner.DG.pruning_history())
+
+
+def uniform(dense: nn.Module, target_pct: float, input_size: tuple[int, int]) -> StaticResult:
+    """Bisect the per-layer fraction whose pruned copy of ``dense`` is closest to ``target_pct`` reduction."""
+    dense = dense.eval()
+    example = example_input(dense, input_size)
+    dense_macs = macs_of(dense, input_size)
+    whole = unprunable_convs(dense, example)
+
+    def attempt(fraction: float) -> tuple[nn.Module, list, float]:
+        model = copy.deepcopy(dense)
+        history = prune_uniform(model, fraction, example, whole)
+        return model, history, 100.0 * (1.0 - macs_of(model, input_size) / dense_macs)
+
+    low, high = 0.0, MAX_LAYER_FRACTION
+    best: tuple[float, float] | None = None  # (distance, fraction)
+    for _ in range(BISECTION_STEPS):
+        middle = (low + high) / 2
+        _, _, reduction = attempt(middle)
+        if best is None or abs(reduction - target_pct) < best[0]:
+            best = (abs(reduction - target_pct), middle)
+        if abs(reduction - target_pct) <= TOLERANCE / 4:
+            break
+        low, high = (middle, high) if reduction < target_pct else (low, middle)
+    _, top, reachable = attempt(MAX_LAYER_FRACTION)
+    if reachable < target_pct - TOLERANCE:
+        raise BadInput(
+            f"static uniform pruning reaches at most {reachable:.1f}% FLOPs reduction on this model "
+            f"(target {target_pct:g}%); lower --target-flops"
+        )
+    model, history, _ = attempt(best[1])
+    return _result(dense, model, "uniform", target_pct, dense_macs, history, input_size, whole, fraction=best[1])
+
+
+def taylor(
+    dense: nn.Module,
+    target_pct: float,
+    input_size: tuple[int, int],
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+) -> StaticResult:
+    """Global first-order Taylor pruning of a copy of ``dense`` in shrinking steps until ``target_pct``.
+
+    Each step sums the gradients of ``batches`` (BN in eval mode, so the statistics stay the dense
+    model's), ranks every filter globally by torch-pruning's Taylor score and removes a chunk sized
+    from the remaining gap, so the last steps remove single filters and the target is not overshot.
+    """
+    model = copy.deepcopy(dense).eval()
+    example = example_input(model, input_size)
+    dense_macs = macs_of(model, input_size)
+    whole = unprunable_convs(model, example)
+    floor = {id(m): max(1, math.ceil((1 - MAX_LAYER_FRACTION) * m.out_channels)) for m in model.modules() if isinstance(m, nn.Conv2d)}
+    history: list = []
+    reduction, steps = 0.0, 0
+    while reduction < target_pct - TOLERANCE and steps < TAYLOR_MAX_STEPS:
+        model.zero_grad(set_to_none=True)
+        for images, labels in batches:
+            F.cross_entropy(model(images), labels).backward()
+        # Layers at their floor leave the ranking (their whole group does: coupled layers move together).
+        at_floor = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.out_channels <= floor[id(m)]]
+        ignored = _ignored(model, whole) + at_floor
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pruner = tp.pruner.MetaPruner(
+                model,
+                example,
+                importance=tp.importance.TaylorImportance(),
+                global_pruning=True,
+                pruning_ratio=0.0,
+                ignored_layers=ignored,
+                root_module_types=[nn.Conv2d],
+            )
+        total = pruner.initial_total_channels
+        if total == 0:
+            break
+        # Removing a fraction c of all filters removes at most about 2c of the MACs (inputs and outputs).
+        chunk = min(0.1, (target_pct - reduction) / 100.0 / 2.5)
+        chunk = max(chunk, 1.0 / total + 1e-9)
+        pruner.per_step_pruning_ratio = [0.0, chunk]  # step() advances to index 1
+        pruner.step()
+        step_history = plain_history(pruner.DG.pruning_history())
+        if not step_history:
+            break
+        history += step_history
+        steps += 1
+        reduction = 100.0 * (1.0 - macs_of(model, input_size) / dense_macs)
+    model.zero_grad(set_to_none=True)
+    if reduction < target_pct - TOLERANCE:
+        raise BadInput(
+            f"static Taylor pruning stopped at {reduction:.1f}% FLOPs reduction (target {target_pct:g}%); "
+            "lower --target-flops"
+        )
+    return _result(dense, model, "taylor", target_pct, dense_macs, history, input_size, whole, steps=steps)
+
+
+def counts(dense: nn.Module, kept: dict[str, int], input_size: tuple[int, int]) -> StaticResult:
+    """Static counterpart of a predefined signature: keep ``kept[conv]`` filters (highest L1) per layer.
+
+    Coupled convs (a residual stream, a pointwise conv and its depthwise follower) share one filter
+    set; it keeps the largest count asked of any member. Convs left whole keep every filter.
+    """
+    model = copy.deepcopy(dense).eval()
+    example = example_input(model, input_size)
+    dense_macs = macs_of(model, input_size)
+    whole = unprunable_convs(model, example)
+    names = {m: n for n, m in model.named_modules()}
+    graph = _dependency_graph(model, example)
+    importance = tp.importance.MagnitudeImportance(p=1)
+    for group in _conv_groups(graph, _ignored(model, whole)):
+        root = group[0].dep.target.module
+        wanted = [kept[names[c]] for c in _out_pruned_convs(graph, group) if names[c] in kept]
+        if not wanted or max(wanted) >= root.out_channels:
+            continue
+        prune_fn = graph.get_pruner_of_module(root).prune_out_channels
+        full = graph.get_pruning_group(root, prune_fn, list(range(root.out_channels)))
+        scores = importance(full)
+        drop = scores.argsort()[: root.out_channels - max(wanted)].tolist()
+        graph.get_pruning_group(root, prune_fn, drop).prune()
+    history = plain_history(graph.pruning_history())
+    return _result(dense, model, "signature", None, dense_macs, history, input_size, whole)
+
+
+def _result(dense, model, method, target_pct, dense_macs, history, input_size, whole, **extra) -> StaticResult:
+    blocks = [b.conv for b in analyze(dense, input_size).blocks]
+    return StaticResult(
+        model=model,
+        method=method,
+        target_pct=target_pct,
+        dense_macs=dense_macs,
+        macs=macs_of(model, input_size),
+        history=history,
+        kept=kept_counts(model, blocks),
+        whole=whole,
+        **extra,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoints and signatures
+
+
+def restore(dense: nn.Module, history: list, input_size: tuple[int, int]) -> nn.Module:
+    """Replay a pruning history on a freshly created dense model (in place; returns it)."""
+    graph = _dependency_graph(dense.eval(), example_input(dense, input_size))
+    try:
+        graph.load_pruning_history([(name, bool(is_out), list(idxs)) for name, is_out, idxs in history])
+    except (AttributeError, IndexError, ValueError) as exc:
+        raise BadInput(f"the static checkpoint's pruning history does not fit this model: {exc}") from None
+    return dense
+
+
+def read_signature(path: str, block_convs: dict[str, int]) -> dict[str, int]:
+    """A signature file: JSON ``{"block conv name": kept filters, ...}``; ``block_convs`` maps names to widths.
+
+    Blocks the file leaves out keep every filter.
+    """
+    try:
+        doc = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise BadInput(f"signature file not found: {path}") from None
+    except (OSError, ValueError) as exc:
+        raise BadInput(f"signature file {path} is not valid JSON: {exc}") from None
+    if isinstance(doc, dict) and isinstance(doc.get("kept_filters"), dict):
+        doc = doc["kept_filters"]  # a static checkpoint's or run's record works as a file too
+    if not isinstance(doc, dict) or not doc:
+        raise BadInput(f"signature file {path} must map gated block names to kept-filter counts")
+    unknown = sorted(set(doc) - set(block_convs))
+    if unknown:
+        raise BadInput(
+            f"signature file {path} names {unknown[0]!r}, which is not a gated block "
+            f"(blocks: {', '.join(list(block_convs)[:6])}...)"
+        )
+    result = dict(block_convs)
+    for name, count in doc.items():
+        if not isinstance(count, int) or isinstance(count, bool) or not (1 <= count <= block_convs[name]):
+            raise BadInput(f"signature file {path}: {name} must keep 1..{block_convs[name]} filters, got {count!r}")
+        result[name] = count
+    return result
+
+
+def signature_macs(graph, kept: dict[str, int]) -> float:
+    """MACs of a dense graph when every block keeps ``kept`` filters (ftwt's accounting, per sample)."""
+    from ftwt_cli.flops import FlopsCounter
+
+    masks = []
+    for block in graph.blocks:
+        mask = torch.zeros(1, block.out_channels, dtype=torch.bool)
+        mask[0, : kept[block.conv]] = True
+        masks.append(mask)
+    return float(FlopsCounter(graph).macs_from_masks(masks)[0])
