@@ -217,11 +217,17 @@ class MaskAccumulator:
 
 def describe(meta: dict) -> str:
     """A short label for tables and legends: ``dense`` or ``ftwt r=0.9`` (+ ``no-softmax``)."""
+    if meta.get("kind") == "static":
+        return f"static-{meta.get('method', '?')}"
     if meta.get("kind") != "ftwt":
         return str(meta.get("kind", "dense"))
     label = f"ftwt r={meta.get('r'):.4g}" if meta.get("r") is not None else "ftwt"
     if meta.get("target", "mass") != "mass":
         label += f" {meta['target']}"
+    if meta.get("signature"):
+        label = "ftwt signature"
+    if meta.get("mode", "decoupled") != "decoupled":
+        label += f" {meta['mode']}"
     return label if meta.get("head_softmax", True) else label + " no-softmax"
 
 
@@ -333,6 +339,8 @@ def _report(model: EvaluatedModel, scores: Scores, masks: MaskAccumulator) -> Mo
     ftwt = model.target is not None
     counter = model.counter
     reduction = float(counter.reduction_pct(masks.mean_macs))
+    if meta.get("dense_macs"):  # a static checkpoint: reduction against the unpruned architecture
+        reduction = 100.0 * (1.0 - masks.mean_macs / float(meta["dense_macs"]))
     return ModelReport(
         label=model.label,
         checkpoint=model.loaded.path,
@@ -344,7 +352,7 @@ def _report(model: EvaluatedModel, scores: Scores, masks: MaskAccumulator) -> Mo
         top1=scores.top1,
         top5=scores.top5,
         brier_clean=scores.brier,
-        dense_macs=counter.dense_macs,
+        dense_macs=int(meta.get("dense_macs") or counter.dense_macs),
         head_macs=counter.head_macs if ftwt else 0,
         mean_macs=masks.mean_macs,
         flops_reduction_pct=reduction,

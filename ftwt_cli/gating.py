@@ -124,6 +124,37 @@ class TopKTarget:
         return keep.scatter_(1, order[:, :k], True)
 
 
+@dataclass(frozen=True)
+class FixedCountTarget:
+    """Keep exactly ``count`` channels per sample, highest response first (a predefined signature's layer)."""
+
+    count: int
+    name: str = "count"
+
+    def __post_init__(self) -> None:
+        if self.count < 1:
+            raise ValueError(f"count must be at least 1, got {self.count}")
+
+    def mask(self, response: torch.Tensor) -> torch.Tensor:
+        return top_count_mask(response, self.count)
+
+
+def top_count_mask(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """bool [N, C]: the ``count`` highest scores of every row (ties by channel index)."""
+    order = scores.argsort(dim=1, descending=True, stable=True)
+    keep = torch.zeros_like(scores, dtype=torch.bool)
+    return keep.scatter_(1, order[:, : min(count, scores.shape[1])], True)
+
+
+def per_block_targets(target: "Target | list[Target]", blocks: int) -> list["Target"]:
+    """One target per block: a list is taken as it is (a predefined signature), a single rule is shared."""
+    if isinstance(target, (list, tuple)):
+        if len(target) != blocks:
+            raise ValueError(f"expected {blocks} per-block targets, got {len(target)}")
+        return list(target)
+    return [target] * blocks
+
+
 def make_target(kind: str, value: float) -> Target:
     """Target rule by name: ``mass`` (Algorithm 1, value = r) or ``topk`` (value = kept fraction)."""
     if kind == "mass":
@@ -153,6 +184,15 @@ class DecisionHead(nn.Module):
     @property
     def macs(self) -> int:
         return self.proj.in_features * self.proj.out_features
+
+
+def binarize_top_count(logits: torch.Tensor, count: int, straight_through: bool = False) -> torch.Tensor:
+    """Keep exactly the ``count`` highest logits per sample (a predefined signature); see :func:`binarize`."""
+    hard = top_count_mask(logits.detach(), count).to(logits.dtype)
+    if not straight_through:
+        return hard
+    soft = torch.sigmoid(logits)
+    return hard + (soft - soft.detach())
 
 
 def binarize(logits: torch.Tensor, straight_through: bool = False) -> torch.Tensor:
@@ -203,6 +243,7 @@ class GatedBlock(nn.Module):
         self.monotone_activation = monotone_activation
         self.mask_source = "dense"
         self.target: Target | None = None
+        self.keep_count: int | None = None  # predefined signature: the head keeps exactly this many channels
         self.detach_head_input = True  # decoupled training: the head loss never reaches the backbone
         self.straight_through = False  # joint training: gradients cross the binarisation
         self.record = False
@@ -235,7 +276,11 @@ class GatedBlock(nn.Module):
             assert self.target is not None, "mask_source='target' needs a target rule"
             mask = self.target.mask(response).to(y.dtype)
         else:
-            mask = binarize(logits, self.straight_through and self.training)
+            straight_through = self.straight_through and self.training
+            if self.keep_count is None:
+                mask = binarize(logits, straight_through)
+            else:
+                mask = binarize_top_count(logits, self.keep_count, straight_through)
         if self.record:
             self.last = BlockRecord(logits=logits, response=response, mask=mask)
         return y if mask is None else y * mask[:, :, None, None]
@@ -274,20 +319,28 @@ class FTWTModel(nn.Module):
         *,
         mask_source: str | None = None,
         record: bool | None = None,
-        target: Target | None = None,
+        target: Target | list[Target] | None = None,
         decoupled: bool | None = None,
+        keep_counts: list[int | None] | None = None,
     ) -> "FTWTModel":
+        """Set how every block runs; ``target`` may be one rule or a list with one per block, and
+        ``keep_counts`` (one per block, None: the head's own threshold) fixes a predefined signature."""
         if mask_source is not None and mask_source not in MASK_SOURCES:
             raise ValueError(f"mask_source must be one of {MASK_SOURCES}, got {mask_source!r}")
-        for block in self.blocks:
+        targets = per_block_targets(target, len(self.blocks)) if target is not None else None
+        if keep_counts is not None and len(keep_counts) != len(self.blocks):
+            raise ValueError(f"expected {len(self.blocks)} keep counts, got {len(keep_counts)}")
+        for i, block in enumerate(self.blocks):
+            if keep_counts is not None:
+                block.keep_count = keep_counts[i]
             if mask_source is not None:
                 block.mask_source = mask_source
             if record is not None:
                 block.record = record
                 if not record:
                     block.last = None
-            if target is not None:
-                block.target = target
+            if targets is not None:
+                block.target = targets[i]
             if decoupled is not None:
                 block.detach_head_input = decoupled
                 block.straight_through = not decoupled
@@ -310,10 +363,12 @@ class FTWTModel(nn.Module):
         return [p for p in self.parameters() if id(p) not in head_ids]
 
 
-def head_loss(records: list[BlockRecord], target: Target) -> torch.Tensor:
-    """Mean over blocks of (Σ over filters of BCEWithLogits(P, g), averaged over the batch)."""
+def head_loss(records: list[BlockRecord], target: Target | list[Target]) -> torch.Tensor:
+    """Mean over blocks of (Σ over filters of BCEWithLogits(P, g), averaged over the batch).
+
+    ``target`` is one rule for every block or a list with each block's own (a predefined signature)."""
     losses = []
-    for rec in records:
+    for rec, target in zip(records, per_block_targets(target, len(records))):
         assert rec.logits is not None, "head loss needs logits: record in training mode"
         goal = target.mask(rec.response).to(rec.logits.dtype)
         per_sample = F.binary_cross_entropy_with_logits(rec.logits, goal, reduction="none").sum(dim=1)

@@ -114,5 +114,13 @@ def load_model(cfg: Config, path: str | None, *, require: str | None = None, war
     what = f"{cfg.model} ({meta['kind']})"
     if meta["kind"] == "ftwt":
         model = FTWTModel(model, tuple(meta["input_size"]), head_softmax=bool(meta.get("head_softmax", True)))
+        if meta.get("signature"):  # predefined signature: every head keeps its fixed count
+            from ftwt_cli.static import apply_signature
+
+            apply_signature(model, meta["signature"])
+    elif meta["kind"] == "static":  # rebuilt by replaying the pruning history, never unpickled
+        from ftwt_cli.static import restore
+
+        model = restore(model, meta["pruning_history"], tuple(meta["input_size"]))
     ckpt.load_weights(model, payload["model"], path, what)
     return LoadedModel(model, meta, str(Path(path)))

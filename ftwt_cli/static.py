@@ -373,3 +373,119 @@ def signature_macs(graph, kept: dict[str, int]) -> float:
         mask[0, : kept[block.conv]] = True
         masks.append(mask)
     return float(FlopsCounter(graph).macs_from_masks(masks)[0])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Runs: what `ftwt train --static` and `--signature` set up before the shared training loop
+
+
+def apply_signature(model, kept: dict[str, int]) -> list:
+    """Fix every gated block of an FTWT model to keep ``kept[conv]`` channels per sample (top-k routing).
+
+    Returns the per-block top-k targets the heads are trained towards.
+    """
+    from ftwt_cli.gating import FixedCountTarget
+
+    names = [b.conv for b in model.graph.blocks]
+    missing = [n for n in names if n not in kept]
+    if missing:
+        raise BadInput(f"the signature has no count for gated block {missing[0]!r}")
+    counts = [int(kept[n]) for n in names]
+    targets = [FixedCountTarget(k) for k in counts]
+    model.configure(keep_counts=counts, target=targets)
+    return targets
+
+
+def check_target(target_pct: float | None, what: str) -> float:
+    if target_pct is None:
+        raise BadInput(f"{what} needs --target-flops P (percent of FLOPs to remove)")
+    if not (0.0 < target_pct < 100.0):
+        raise BadInput(f"--target-flops is a percent of FLOPs to remove and must be in (0, 100), got {target_pct:g}")
+    return float(target_pct)
+
+
+def _dense_init(cfg, init: str | None):
+    from ftwt_cli import runtime
+
+    if init is None:
+        raise BadInput("static pruning and signatures start from a dense model: pass --init DENSE_CKPT")
+    return runtime.load_model(cfg, init, require="dense")
+
+
+def taylor_batches(cfg) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first TAYLOR_BATCHES shuffled (seeded) training mini-batches, without augmentation."""
+    from ftwt_cli import runtime
+    from ftwt_cli.data import make_loader
+
+    loader = make_loader(runtime.dataset(cfg, "train"), cfg.batch_size, shuffle=True, workers=cfg.workers, seed=cfg.seed)
+    batches = []
+    for images, labels in loader:
+        batches.append((images, labels))
+        if len(batches) == TAYLOR_BATCHES:
+            break
+    return batches
+
+
+def signature_record(cfg, init: str | None, source: str, target_pct: float | None) -> dict:
+    """Resolve ``--signature FILE|taylor`` into per-block kept-filter counts (a run spec's ``signature``)."""
+    from ftwt_cli import runtime
+
+    dense = _dense_init(cfg, init).model.eval()
+    size = runtime.input_size(cfg)
+    graph = analyze(dense, size)
+    widths = {b.conv: b.out_channels for b in graph.blocks}
+    if source == "taylor":
+        target_pct = check_target(target_pct, "--signature taylor")
+        kept = taylor(dense, target_pct, size, taylor_batches(cfg)).kept
+    else:
+        if target_pct is not None:
+            raise BadInput("a signature file fixes the FLOPs itself; drop --target-flops (or use --signature taylor)")
+        kept = read_signature(source, widths)
+    reduction = 100.0 * (1.0 - signature_macs(graph, kept) / graph.dense_macs)
+    return {"source": source, "target_flops": target_pct, "counts": kept, "reduction_pct": reduction}
+
+
+def run_spec(cfg, method: str, init: str | None, target_pct: float | None, signature: dict | None = None):
+    """The RunSpec of a static baseline: pruned from ``init`` when the run starts, then fine-tuned with
+    the profile's dynamic recipe (epochs, lr, milestones) in the dense training loop."""
+    from ftwt_cli.train import RunSpec
+
+    if method not in (*METHODS, "signature"):
+        raise BadInput(f"--static must be uniform or taylor, got {method!r}")
+    if method != "signature":
+        target_pct = check_target(target_pct, f"--static {method}")
+    if init is None:
+        raise BadInput("static pruning starts from a dense model: pass --init DENSE_CKPT")
+    recipe = cfg.override(dense_epochs=cfg.epochs, dense_lr=cfg.lr, dense_milestones=list(cfg.milestones))
+    record = {"method": method, "target_flops": target_pct, "init": init}
+    if signature is not None:
+        record |= {"signature_source": signature["source"], "counts": signature["counts"]}
+    return RunSpec(recipe, dense=True, static=record)
+
+
+def prune_for_run(spec, device: torch.device):
+    """Load the run's dense init and prune it (called once when a static run starts; CPU, deterministic)."""
+    from ftwt_cli import runtime
+    from ftwt_cli.console import console
+
+    cfg, record = spec.config, spec.static
+    loaded = _dense_init(cfg, record["init"])
+    dense = loaded.model.eval()
+    size = runtime.input_size(cfg)
+    method = record["method"]
+    if method == "uniform":
+        result = uniform(dense, record["target_flops"], size)
+    elif method == "taylor":
+        result = taylor(dense, record["target_flops"], size, taylor_batches(cfg))
+    else:
+        result = counts(dense, record["counts"], size)
+    record |= {"reduction_pct": result.reduction_pct, "fraction": result.fraction, "steps": result.steps, "left_whole": result.whole}
+    meta = {**loaded.meta, **result.meta(), "init": record["init"]}
+    if method == "signature":
+        meta["signature_source"] = record.get("signature_source")
+    console.print(
+        f"static {method}: {result.dense_macs / 1e6:.2f} → {result.macs / 1e6:.2f} MMACs "
+        f"({result.reduction_pct:.2f}% FLOPs reduction)" + (f", {len(result.whole)} convs left whole" if result.whole else ""),
+        highlight=False,
+    )
+    return runtime.LoadedModel(result.model.train(), meta, None)

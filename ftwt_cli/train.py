@@ -35,14 +35,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from ftwt_cli import checkpoint as ckpt
-from ftwt_cli import runtime
+from ftwt_cli import runtime, static
 from ftwt_cli.config import Config, resolve_device, validate
 from ftwt_cli.console import console, progress_bar
 from ftwt_cli.data import make_loader
 from ftwt_cli.errors import BadInput
 from ftwt_cli.estimate import UnreachableTarget, find_ratio
 from ftwt_cli.flops import FlopsCounter
-from ftwt_cli.gating import FTWTModel, Target, head_loss, make_target
+from ftwt_cli.gating import FTWTModel, Target, head_loss, make_target, per_block_targets
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.csv"
@@ -137,9 +137,13 @@ class RunSpec:
     init: str | None = None  # the dense checkpoint a dynamic run starts from
     target_flops: float | None = None  # percent of FLOPs to remove; r is searched when set
     estimate: dict | None = None  # the search record: target, chosen_r, estimated_reduction_pct
+    static: dict | None = None  # a static baseline (see ftwt_cli.static): pruned from its init, trained like dense
+    signature: dict | None = None  # a predefined signature: {"source", "counts": {block conv: kept filters}}
 
     @property
     def mode(self) -> str:
+        if self.static is not None:
+            return "static"
         return "dense" if self.dense else self.config.mode
 
     @property
@@ -177,11 +181,16 @@ class RunSpec:
             "init": self.init,
             "target_flops": self.target_flops,
             "estimate": self.estimate,
+            "static": self.static,
+            "signature": self.signature,
         }
 
     @classmethod
     def from_dict(cls, doc: dict) -> "RunSpec":
-        return cls(Config(**doc["config"]), bool(doc["dense"]), doc.get("init"), doc.get("target_flops"), doc.get("estimate"))
+        return cls(
+            Config(**doc["config"]), bool(doc["dense"]), doc.get("init"), doc.get("target_flops"), doc.get("estimate"),
+            doc.get("static"), doc.get("signature"),
+        )  # fmt: skip
 
     def check(self) -> None:
         """One-line BadInput for every inconsistent choice (before anything is loaded or written)."""
@@ -309,8 +318,8 @@ def evaluate(
             if gated:
                 records = model.records()
                 masks = [rec.mask for rec in records]
-                for rec in records:
-                    sums[2] += ((rec.mask > 0) == target.mask(rec.response)).sum()
+                for rec, goal in zip(records, per_block_targets(target, len(records))):
+                    sums[2] += ((rec.mask > 0) == goal.mask(rec.response)).sum()
                     sums[3] += rec.mask.numel()
                 sums[4] += counter.macs_from_masks(masks).sum()
             advance()
@@ -405,7 +414,10 @@ class Run:
         self.start_epoch, self.best_top1, self.history = 0, -math.inf, []
         seed_epoch(cfg.seed, -1, 0)  # model initialisation (identical on every rank)
         if resume:
-            loaded = runtime.load_model(cfg, str(run_dir / LAST_FILE), require="dense" if spec.dense else "ftwt")
+            kind = "static" if spec.static is not None else "dense" if spec.dense else "ftwt"
+            loaded = runtime.load_model(cfg, str(run_dir / LAST_FILE), require=kind)
+        elif spec.static is not None:
+            loaded = static.prune_for_run(spec, device)
         elif spec.dense:
             loaded = runtime.load_model(cfg, None, warn_untrained=False)
         else:
@@ -419,10 +431,14 @@ class Run:
                 spec.estimate = self._search_ratio()
                 cfg.r = spec.estimate["chosen_r"]
             self.target = make_target(cfg.target, cfg.r)
+            if spec.signature is not None:
+                self.target = static.apply_signature(self.model, spec.signature["counts"])
             self.model.configure(mask_source="predicted", record=True, target=self.target, decoupled=cfg.mode == "decoupled")
             self.meta = runtime.ftwt_meta(cfg, self.meta["num_classes"], cfg.r)
             if spec.estimate is not None:
                 self.meta["estimate"] = spec.estimate
+            if spec.signature is not None:
+                self.meta["signature"] = spec.signature["counts"]
         self.optimizers = build_optimizers(self.model, spec)
         self.schedulers = build_schedulers(self.optimizers, spec)
         self._build_data()

@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
+from ftwt_cli import static as static_pruning
 from ftwt_cli import train as training
 from ftwt_cli.cli import (
     BatchOpt,
@@ -58,6 +59,17 @@ def train_command(
     head_softmax: Annotated[
         Optional[bool], typer.Option("--head-softmax/--no-head-softmax", help="Softmax over the pooled head input.")
     ] = None,
+    static: Annotated[
+        Optional[str], typer.Option("--static", help="Static baseline instead of FTWT: uniform (L1) | taylor; needs --target-flops.")
+    ] = None,
+    signature: Annotated[
+        Optional[str],
+        typer.Option("--signature", help="Predefined signature: JSON FILE of per-block kept filters, or taylor (with --target-flops)."),
+    ] = None,
+    static_signature: Annotated[
+        bool, typer.Option("--static-signature", help="With --signature: prune the same counts statically (one filter set).")
+    ] = False,
+    gt: Annotated[Optional[str], typer.Option("--gt", help="Ground truth of the heads: mass (the paper) | topk (--r = kept fraction).")] = None,
     out: Annotated[Optional[str], typer.Option("--out", help="Run directory (default runs/<profile>-<mode>...).")] = None,
     resume: Annotated[Optional[str], typer.Option("--resume", help="Continue this run directory.")] = None,
     profile: Annotated[Optional[str], typer.Option("--profile", help="Profile name (see 'ftwt profiles').")] = None,
@@ -79,6 +91,7 @@ def train_command(
             dense=dense, init=init, r=r, target_flops=target_flops, mode=mode, lr=lr, milestones=milestones,
             head_lr=head_lr, freeze_heads_after=freeze_heads_after, head_init=head_init, head_softmax=head_softmax,
             out=out, profile=profile, model=model, data=data, samples=samples, batch_size=batch_size, seed=seed,
+            static=static, signature=signature, static_signature=static_signature, gt=gt,
         )  # fmt: skip
         if fixed:
             raise BadInput(f"--resume continues a run as it was configured; drop {', '.join(fixed)}")
@@ -89,8 +102,10 @@ def train_command(
     else:
         if r is not None and target_flops is not None:
             raise BadInput("give either --r or --target-flops, not both")
-        if dense and (clash := _given(init=init, r=r, target_flops=target_flops, mode=mode)):
+        if dense and (clash := _given(init=init, r=r, target_flops=target_flops, mode=mode, static=static, signature=signature)):
             raise BadInput(f"--dense trains the plain backbone; {', '.join(clash)} apply to FTWT training")
+        _check_baseline_options(static, signature, static_signature, gt, target_flops, r=r, mode=mode, head_lr=head_lr,
+                                freeze_heads_after=freeze_heads_after, head_init=head_init, head_softmax=head_softmax)  # fmt: skip
         prefix = "dense_" if dense else ""
         cfg = resolve_config(
             profile or DEFAULT_PROFILE,
@@ -98,13 +113,24 @@ def train_command(
             model=model, data=data, samples=samples, batch_size=batch_size, device=device, seed=seed,
             data_root=data_root, download=download, workers=workers, r=r, mode=mode, head_lr=head_lr,
             freeze_heads_after=freeze_heads_after, head_init=head_init, head_softmax=head_softmax,
+            target="topk" if (signature and not static_signature) else gt,
             **{
                 f"{prefix}epochs": epochs,
                 f"{prefix}lr": lr,
                 f"{prefix}milestones": training.parse_milestones(milestones) if milestones is not None else None,
             },
         )  # fmt: skip
-        spec = training.RunSpec(cfg, dense, init=None if dense else (init or cfg.checkpoint), target_flops=target_flops)
+        start = None if dense else (init or cfg.checkpoint)
+        if static:
+            spec = static_pruning.run_spec(cfg, static, start, target_flops)
+        elif signature:
+            record = static_pruning.signature_record(cfg, start, signature, target_flops)
+            if static_signature:
+                spec = static_pruning.run_spec(cfg, "signature", start, None, record)
+            else:
+                spec = training.RunSpec(cfg, False, init=start, signature=record)
+        else:
+            spec = training.RunSpec(cfg, dense, init=start, target_flops=target_flops)
     try:
         summary = training.train(spec, out=out, resume=resume)
     except training.NonFiniteLoss as exc:
@@ -112,6 +138,8 @@ def train_command(
         raise typer.Exit(1) from None
     if not is_main:
         return
+    if spec.static is not None and summary.flops_reduction_pct is None:
+        summary.flops_reduction_pct = spec.static.get("reduction_pct")  # measured on the pruned architecture
     table = Table("", "", title=f"ftwt train ({summary.mode})", show_header=False)
     table.add_row("run directory", summary.run_dir)
     table.add_row("epochs", str(summary.epochs))
@@ -121,9 +149,31 @@ def train_command(
     table.add_row("final test top-1", f"{summary.test_top1:.2f}%")
     if summary.flops_reduction_pct is not None:
         table.add_row("FLOPs reduction (measured)", f"{summary.flops_reduction_pct:.2f}%")
-        table.add_row("  with heads", f"{summary.flops_reduction_with_heads_pct:.2f}%")
+        if summary.flops_reduction_with_heads_pct is not None:
+            table.add_row("  with heads", f"{summary.flops_reduction_with_heads_pct:.2f}%")
     if summary.estimate is not None:
         table.add_row("FLOPs reduction (estimated)", f"{summary.estimate['estimated_reduction_pct']:.2f}%")
     console.print(table)
     if json_out:
         emit_json(summary.to_dict())
+
+
+def _check_baseline_options(static, signature, static_signature, gt, target_flops, **ftwt_options) -> None:
+    """One-line errors for option combinations of the static baselines, signatures and --gt."""
+    if gt is not None and gt not in ("mass", "topk"):
+        raise BadInput(f"--gt must be mass or topk, got {gt!r}")
+    if static is not None and static not in static_pruning.METHODS:
+        raise BadInput(f"--static must be uniform or taylor, got {static!r}")
+    if static and signature:
+        raise BadInput("give --static (uniform/taylor) or --signature, not both (--static-signature prunes a signature statically)")
+    if static_signature and not signature:
+        raise BadInput("--static-signature prunes a predefined signature: add --signature FILE|taylor")
+    if static or static_signature:
+        what = f"--static {static}" if static else "--static-signature"
+        if clash := _given(gt=gt, **ftwt_options):
+            raise BadInput(f"{what} fine-tunes a pruned plain model; {', '.join(clash)} apply to FTWT training")
+    elif signature:
+        if clash := _given(gt=gt, r=ftwt_options["r"]):
+            raise BadInput(f"--signature fixes per-layer counts with top-k targets; drop {', '.join(clash)}")
+    elif gt == "topk" and target_flops is not None:
+        raise BadInput("--target-flops searches the mass ratio r; with --gt topk give --r (the kept fraction)")
