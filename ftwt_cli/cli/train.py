@@ -58,6 +58,13 @@ def train_command(
     head_softmax: Annotated[
         Optional[bool], typer.Option("--head-softmax/--no-head-softmax", help="Softmax over the pooled head input.")
     ] = None,
+    head_pool: Annotated[
+        Optional[str], typer.Option("--head-pool", help="max | avg: global pooling of the head input (paper text: max).")
+    ] = None,
+    head_norm: Annotated[
+        Optional[bool],
+        typer.Option("--head-norm/--no-head-norm", help="Standardise the pooled head input per channel (folded at inference)."),
+    ] = None,
     out: Annotated[Optional[str], typer.Option("--out", help="Run directory (default runs/<profile>-<mode>...).")] = None,
     resume: Annotated[Optional[str], typer.Option("--resume", help="Continue this run directory.")] = None,
     profile: Annotated[Optional[str], typer.Option("--profile", help="Profile name (see 'ftwt profiles').")] = None,
@@ -78,7 +85,7 @@ def train_command(
         fixed = _given(
             dense=dense, init=init, r=r, target_flops=target_flops, mode=mode, lr=lr, milestones=milestones,
             head_lr=head_lr, freeze_heads_after=freeze_heads_after, head_init=head_init, head_softmax=head_softmax,
-            out=out, profile=profile, model=model, data=data, samples=samples, batch_size=batch_size, seed=seed,
+            head_pool=head_pool, head_norm=head_norm, out=out, profile=profile, model=model, data=data, samples=samples, batch_size=batch_size, seed=seed,
         )  # fmt: skip
         if fixed:
             raise BadInput(f"--resume continues a run as it was configured; drop {', '.join(fixed)}")
@@ -98,6 +105,7 @@ def train_command(
             model=model, data=data, samples=samples, batch_size=batch_size, device=device, seed=seed,
             data_root=data_root, download=download, workers=workers, r=r, mode=mode, head_lr=head_lr,
             freeze_heads_after=freeze_heads_after, head_init=head_init, head_softmax=head_softmax,
+            head_pool=head_pool, head_norm=head_norm,
             **{
                 f"{prefix}epochs": epochs,
                 f"{prefix}lr": lr,
