@@ -49,6 +49,8 @@ class Config:
     r: float = 0.9
     target: str = "mass"
     head_softmax: bool = True
+    head_pool: str = "max"
+    head_norm: bool = False
     # dense baseline recipe
     dense_epochs: int = 200
     dense_lr: float = 0.1
@@ -136,6 +138,8 @@ def validate(c: Config) -> None:
         raise BadInput(f"--device must be auto, cpu or cuda, got {c.device!r}")
     if not (0.0 <= c.freeze_heads_after <= 1.0):
         raise BadInput(f"--freeze-heads-after must be in [0, 1], got {c.freeze_heads_after}")
+    if c.head_pool not in ("max", "avg"):
+        raise BadInput(f"--head-pool must be max or avg, got {c.head_pool!r}")
     if c.head_init not in ("random", "ones"):
         raise BadInput(f"--head-init must be random or ones, got {c.head_init!r}")
     parse_ratios(c.ratios)

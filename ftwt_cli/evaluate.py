@@ -24,7 +24,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from ftwt_cli.console import progress_bar
 from ftwt_cli.flops import FlopsCounter
-from ftwt_cli.gating import FTWTModel, Target, make_target
+from ftwt_cli.gating import FTWTModel, HeadSpec, Target, make_target
 from ftwt_cli.graph import ModelGraph, analyze
 from ftwt_cli.runtime import LoadedModel
 
@@ -216,19 +216,23 @@ class MaskAccumulator:
 
 
 def describe(meta: dict) -> str:
-    """A short label for tables and legends: ``dense`` or ``ftwt r=0.9`` (+ ``no-softmax``)."""
+    """A short label for tables and legends: ``dense``, or ``ftwt r=0.9`` plus every choice that differs
+    from the paper's defaults (target rule, joint mode, head options) and ``calibrated`` (Table 3 columns)."""
     if meta.get("kind") == "static":
         return f"static-{meta.get('method', '?')}"
     if meta.get("kind") != "ftwt":
         return str(meta.get("kind", "dense"))
-    label = f"ftwt r={meta.get('r'):.4g}" if meta.get("r") is not None else "ftwt"
-    if meta.get("target", "mass") != "mass":
-        label += f" {meta['target']}"
+    parts = [f"ftwt r={meta.get('r'):.4g}" if meta.get("r") is not None else "ftwt"]
     if meta.get("signature"):
-        label = "ftwt signature"
+        parts = ["ftwt signature"]
+    if meta.get("target", "mass") != "mass":
+        parts.append(str(meta["target"]))
     if meta.get("mode", "decoupled") != "decoupled":
-        label += f" {meta['mode']}"
-    return label if meta.get("head_softmax", True) else label + " no-softmax"
+        parts.append(str(meta["mode"]))
+    parts.append(HeadSpec.from_meta(meta).label)
+    if meta.get("calibration"):
+        parts.append("calibrated")
+    return " ".join(p for p in parts if p)
 
 
 class EvaluatedModel:
@@ -298,6 +302,8 @@ class ModelReport:
     r: float | None
     target: str | None
     head_softmax: bool | None
+    head_pool: str | None
+    head_norm: bool | None
     samples: int
     top1: float
     top5: float
@@ -347,7 +353,9 @@ def _report(model: EvaluatedModel, scores: Scores, masks: MaskAccumulator) -> Mo
         kind=meta.get("kind", "dense"),
         r=meta.get("r") if ftwt else None,
         target=meta.get("target", "mass") if ftwt else None,
-        head_softmax=meta.get("head_softmax", True) if ftwt else None,
+        head_softmax=HeadSpec.from_meta(meta).softmax if ftwt else None,
+        head_pool=HeadSpec.from_meta(meta).pool if ftwt else None,
+        head_norm=HeadSpec.from_meta(meta).norm if ftwt else None,
         samples=scores.samples,
         top1=scores.top1,
         top5=scores.top5,

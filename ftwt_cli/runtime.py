@@ -14,7 +14,7 @@ from ftwt_cli import checkpoint as ckpt
 from ftwt_cli.config import Config
 from ftwt_cli.data import DataSpec, build_dataset, num_classes_of, parse_data, subset
 from ftwt_cli.errors import BadInput
-from ftwt_cli.gating import FTWTModel
+from ftwt_cli.gating import FTWTModel, HeadSpec
 from ftwt_cli.models import REGISTRY, create_model, input_size_for, is_user_model
 
 
@@ -77,11 +77,15 @@ def dense_meta(cfg: Config, classes: int) -> dict:
 
 
 def ftwt_meta(cfg: Config, classes: int, r: float) -> dict:
-    return {**dense_meta(cfg, classes), "kind": "ftwt", "r": r, "target": cfg.target, "head_softmax": cfg.head_softmax, "mode": cfg.mode}
+    return {**dense_meta(cfg, classes), "kind": "ftwt", "r": r, "target": cfg.target, **head_spec(cfg).to_meta(), "mode": cfg.mode}
 
 
-def wrap(backbone: nn.Module, cfg: Config, head_softmax: bool | None = None) -> FTWTModel:
-    return FTWTModel(backbone, input_size(cfg), head_softmax=cfg.head_softmax if head_softmax is None else head_softmax)
+def head_spec(cfg: Config) -> HeadSpec:
+    return HeadSpec(pool=cfg.head_pool, softmax=cfg.head_softmax, norm=cfg.head_norm)
+
+
+def wrap(backbone: nn.Module, cfg: Config) -> FTWTModel:
+    return FTWTModel(backbone, input_size(cfg), head=head_spec(cfg))
 
 
 def load_model(cfg: Config, path: str | None, *, require: str | None = None, warn_untrained: bool = True) -> LoadedModel:
@@ -113,7 +117,7 @@ def load_model(cfg: Config, path: str | None, *, require: str | None = None, war
     model = create_model(cfg.model, int(meta["num_classes"]))
     what = f"{cfg.model} ({meta['kind']})"
     if meta["kind"] == "ftwt":
-        model = FTWTModel(model, tuple(meta["input_size"]), head_softmax=bool(meta.get("head_softmax", True)))
+        model = FTWTModel(model, tuple(meta["input_size"]), head=HeadSpec.from_meta(meta))
         if meta.get("signature"):  # predefined signature: every head keeps its fixed count
             from ftwt_cli.static import apply_signature
 

@@ -42,7 +42,7 @@ from ftwt_cli.data import make_loader
 from ftwt_cli.errors import BadInput
 from ftwt_cli.estimate import UnreachableTarget, find_ratio
 from ftwt_cli.flops import FlopsCounter
-from ftwt_cli.gating import FTWTModel, Target, head_loss, make_target, per_block_targets
+from ftwt_cli.gating import FTWTModel, Target, head_loss, make_target, truth_masks
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.csv"
@@ -318,8 +318,8 @@ def evaluate(
             if gated:
                 records = model.records()
                 masks = [rec.mask for rec in records]
-                for rec, goal in zip(records, per_block_targets(target, len(records))):
-                    sums[2] += ((rec.mask > 0) == goal.mask(rec.response)).sum()
+                for rec, goal in zip(records, truth_masks(records, target)):
+                    sums[2] += ((rec.mask > 0) == goal).sum()
                     sums[3] += rec.mask.numel()
                 sums[4] += counter.macs_from_masks(masks).sum()
             advance()

@@ -156,7 +156,7 @@ def test_checkpoints_round_trip_with_the_search_record(run_cli, tmp_path, dense_
     assert summary["mode"] == "joint" and summary["estimate"]["target"] == 40.0
     assert summary["r"] == summary["estimate"]["chosen_r"]
     loaded = runtime.load_model(smoke_cfg, str(out / "best.pt"), require="ftwt")
-    assert isinstance(loaded.model, FTWTModel) and loaded.model.head_softmax is False
+    assert isinstance(loaded.model, FTWTModel) and loaded.model.head_spec.softmax is False
     assert loaded.meta["estimate"] == summary["estimate"] and loaded.meta["r"] == summary["r"]
     saved = _state(out / "best.pt")["model"]
     assert all(torch.equal(saved[k], v) for k, v in loaded.model.state_dict().items())

@@ -59,6 +59,13 @@ def train_command(
     head_softmax: Annotated[
         Optional[bool], typer.Option("--head-softmax/--no-head-softmax", help="Softmax over the pooled head input.")
     ] = None,
+    head_pool: Annotated[
+        Optional[str], typer.Option("--head-pool", help="max | avg: global pooling of the head input (paper text: max).")
+    ] = None,
+    head_norm: Annotated[
+        Optional[bool],
+        typer.Option("--head-norm/--no-head-norm", help="Standardise the pooled head input per channel (folded at inference)."),
+    ] = None,
     static: Annotated[
         Optional[str], typer.Option("--static", help="Static baseline instead of FTWT: uniform (L1) | taylor; needs --target-flops.")
     ] = None,
@@ -90,7 +97,7 @@ def train_command(
         fixed = _given(
             dense=dense, init=init, r=r, target_flops=target_flops, mode=mode, lr=lr, milestones=milestones,
             head_lr=head_lr, freeze_heads_after=freeze_heads_after, head_init=head_init, head_softmax=head_softmax,
-            out=out, profile=profile, model=model, data=data, samples=samples, batch_size=batch_size, seed=seed,
+            head_pool=head_pool, head_norm=head_norm, out=out, profile=profile, model=model, data=data, samples=samples, batch_size=batch_size, seed=seed,
             static=static, signature=signature, static_signature=static_signature, gt=gt,
         )  # fmt: skip
         if fixed:
@@ -105,7 +112,8 @@ def train_command(
         if dense and (clash := _given(init=init, r=r, target_flops=target_flops, mode=mode, static=static, signature=signature)):
             raise BadInput(f"--dense trains the plain backbone; {', '.join(clash)} apply to FTWT training")
         _check_baseline_options(static, signature, static_signature, gt, target_flops, r=r, mode=mode, head_lr=head_lr,
-                                freeze_heads_after=freeze_heads_after, head_init=head_init, head_softmax=head_softmax)  # fmt: skip
+                                freeze_heads_after=freeze_heads_after, head_init=head_init, head_softmax=head_softmax,
+                                head_pool=head_pool, head_norm=head_norm)  # fmt: skip
         prefix = "dense_" if dense else ""
         cfg = resolve_config(
             profile or DEFAULT_PROFILE,
@@ -113,6 +121,7 @@ def train_command(
             model=model, data=data, samples=samples, batch_size=batch_size, device=device, seed=seed,
             data_root=data_root, download=download, workers=workers, r=r, mode=mode, head_lr=head_lr,
             freeze_heads_after=freeze_heads_after, head_init=head_init, head_softmax=head_softmax,
+            head_pool=head_pool, head_norm=head_norm,
             target="topk" if (signature and not static_signature) else gt,
             **{
                 f"{prefix}epochs": epochs,
