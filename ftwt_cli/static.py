@@ -4,8 +4,9 @@ Layering follows torch-pruning's own: its ``DependencyGraph`` says which layers 
 adds, depthwise convs, BN), its importance criteria say which filters matter, and this module only
 decides how many filters go so that ftwt's own MAC accounting (:mod:`ftwt_cli.flops`) reaches a target:
 
-* ``uniform``  the same fraction of filters from every prunable conv, ranked by L1 norm
-               (``MagnitudeImportance(p=1)``); the fraction is bisected on the measured reduction;
+* ``uniform``  the same fraction of filters from every prunable conv (to within one filter), ranked
+               by L1 norm (``MagnitudeImportance(p=1)``); the fraction is bisected on the measured
+               reduction;
 * ``taylor``   global first-order Taylor importance (Molchanov et al., CVPR 2019) over a few
                mini-batches, pruned in shrinking steps, gradients recomputed before every step,
                until the target is reached;
@@ -172,50 +173,81 @@ def kept_counts(pruned: nn.Module, block_convs: list[str]) -> dict[str, int]:
 # Methods
 
 
-def prune_uniform(model: nn.Module, fraction: float, example: torch.Tensor, whole: list[str]) -> list:
-    """Remove ``fraction`` of the filters of every prunable group (L1 ranking) in place; returns the history."""
-    pruner = tp.pruner.MetaPruner(
-        model,
-        example,
-        importance=tp.importance.MagnitudeImportance(p=1),
-        pruning_ratio=fraction,
-        ignored_layers=_ignored(model, whole),
-        root_module_types=[nn.Conv2d],
-    )
-    pruner.step()
-    return plain_history(pruner.DG.pruning_history())
+def _groups(model: nn.Module, example: torch.Tensor, whole: list[str]) -> list[tuple[str, int, list[str]]]:
+    """(root conv name, width, names of every conv whose filters the group removes) per prunable group."""
+    names = {m: n for n, m in model.named_modules()}
+    graph = _dependency_graph(model, example)
+    return [
+        (names[group[0].dep.target.module], group[0].dep.target.module.out_channels, [names[c] for c in _out_pruned_convs(graph, group)])
+        for group in _conv_groups(graph, _ignored(model, whole))
+    ]
+
+
+def prune_groups(model: nn.Module, keep: dict[str, int], example: torch.Tensor) -> list:
+    """Keep ``keep[root]`` filters (highest L1 norm over the whole coupled group) of every listed group,
+    in place; returns torch-pruning's history."""
+    graph = _dependency_graph(model, example)
+    importance = tp.importance.MagnitudeImportance(p=1)
+    for root_name, kept in keep.items():
+        root = model.get_submodule(root_name)
+        if kept >= root.out_channels:
+            continue
+        prune_fn = graph.get_pruner_of_module(root).prune_out_channels
+        scores = importance(graph.get_pruning_group(root, prune_fn, list(range(root.out_channels))))
+        drop = scores.argsort()[: root.out_channels - kept].tolist()
+        graph.get_pruning_group(root, prune_fn, drop).prune()
+    return plain_history(graph.pruning_history())
 
 
 def uniform(dense: nn.Module, target_pct: float, input_size: tuple[int, int]) -> StaticResult:
-    """Bisect the per-layer fraction whose pruned copy of ``dense`` is closest to ``target_pct`` reduction."""
+    """Remove the same fraction of filters from every prunable group (L1 ranking), the fraction bisected
+    on the measured reduction of pruned copies of ``dense``.
+
+    Widths are integers, so one fraction step can move many layers at once (every 32- and 64-wide layer
+    of a CIFAR net drops a filter at the same fraction). Between the last fraction below the target and
+    the first above it, layers are therefore stepped one filter at a time, in the order the fraction
+    would step them: every layer stays within one filter of the common fraction.
+    """
     dense = dense.eval()
     example = example_input(dense, input_size)
     dense_macs = macs_of(dense, input_size)
     whole = unprunable_convs(dense, example)
+    groups = _groups(dense, example, whole)
 
-    def attempt(fraction: float) -> tuple[nn.Module, list, float]:
+    def keep_at(fraction: float) -> dict[str, int]:
+        return {root: max(1, int(width * (1.0 - fraction) + 1e-9)) for root, width, _ in groups}
+
+    def attempt(keep: dict[str, int]) -> tuple[nn.Module, list, float]:
         model = copy.deepcopy(dense)
-        history = prune_uniform(model, fraction, example, whole)
+        history = prune_groups(model, keep, example)
         return model, history, 100.0 * (1.0 - macs_of(model, input_size) / dense_macs)
 
+    if attempt(keep_at(MAX_LAYER_FRACTION))[2] < target_pct - TOLERANCE:
+        raise BadInput(
+            f"static uniform pruning reaches at most {attempt(keep_at(MAX_LAYER_FRACTION))[2]:.1f}% FLOPs "
+            f"reduction on this model (target {target_pct:g}%); lower --target-flops"
+        )
     low, high = 0.0, MAX_LAYER_FRACTION
-    best: tuple[float, float] | None = None  # (distance, fraction)
     for _ in range(BISECTION_STEPS):
         middle = (low + high) / 2
-        _, _, reduction = attempt(middle)
-        if best is None or abs(reduction - target_pct) < best[0]:
-            best = (abs(reduction - target_pct), middle)
-        if abs(reduction - target_pct) <= TOLERANCE / 4:
-            break
-        low, high = (middle, high) if reduction < target_pct else (low, middle)
-    _, top, reachable = attempt(MAX_LAYER_FRACTION)
-    if reachable < target_pct - TOLERANCE:
-        raise BadInput(
-            f"static uniform pruning reaches at most {reachable:.1f}% FLOPs reduction on this model "
-            f"(target {target_pct:g}%); lower --target-flops"
-        )
+        reduction = attempt(keep_at(middle))[2]
+        if reduction < target_pct:
+            low = middle
+        else:
+            high = middle
+    # Step from the fraction below the target towards the one above, one filter of one layer at a time.
+    keep, goal = keep_at(low), keep_at(high)
+    best = (abs(attempt(keep)[2] - target_pct), dict(keep))
+    widths = {root: width for root, width, _ in groups}
+    while keep != goal:
+        # The layer the fraction steps next: the one whose next filter removal comes at the lowest fraction.
+        root = min((r for r in keep if keep[r] > goal[r]), key=lambda r: (1.0 - (keep[r] - 1) / widths[r], r))
+        keep[root] -= 1
+        distance = abs(attempt(keep)[2] - target_pct)
+        if distance < best[0]:
+            best = (distance, dict(keep))
     model, history, _ = attempt(best[1])
-    return _result(dense, model, "uniform", target_pct, dense_macs, history, input_size, whole, fraction=best[1])
+    return _result(dense, model, "uniform", target_pct, dense_macs, history, input_size, whole, fraction=low)
 
 
 def taylor(
@@ -227,50 +259,57 @@ def taylor(
     """Global first-order Taylor pruning of a copy of ``dense`` in shrinking steps until ``target_pct``.
 
     Each step sums the gradients of ``batches`` (BN in eval mode, so the statistics stay the dense
-    model's), ranks every filter globally by torch-pruning's Taylor score and removes a chunk sized
-    from the remaining gap, so the last steps remove single filters and the target is not overshot.
+    model's), scores every filter with torch-pruning's ``TaylorImportance`` (normalised per group, so
+    scores compare across layers), and removes the globally lowest ones. The step size comes from the
+    remaining gap, so the last steps remove single filters; a step that lands further past the target
+    than its start was short of it is undone. Exactly the chosen number of filters is removed (ties,
+    e.g. dead ReLU channels that all score 0, are broken by order), unlike a score threshold.
     """
     model = copy.deepcopy(dense).eval()
     example = example_input(model, input_size)
     dense_macs = macs_of(model, input_size)
     whole = unprunable_convs(model, example)
-    floor = {id(m): max(1, math.ceil((1 - MAX_LAYER_FRACTION) * m.out_channels)) for m in model.modules() if isinstance(m, nn.Conv2d)}
+    floor = {name: max(1, math.ceil((1 - MAX_LAYER_FRACTION) * m.out_channels)) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    importance = tp.importance.TaylorImportance()
     history: list = []
     reduction, steps = 0.0, 0
     while reduction < target_pct - TOLERANCE and steps < TAYLOR_MAX_STEPS:
+        before = (copy.deepcopy(model), len(history), reduction)
+        names = {m: n for n, m in model.named_modules()}
+        graph = _dependency_graph(model, example)
         model.zero_grad(set_to_none=True)
         for images, labels in batches:
             F.cross_entropy(model(images), labels).backward()
-        # Layers at their floor leave the ranking (their whole group does: coupled layers move together).
-        at_floor = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.out_channels <= floor[id(m)]]
-        ignored = _ignored(model, whole) + at_floor
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            pruner = tp.pruner.MetaPruner(
-                model,
-                example,
-                importance=tp.importance.TaylorImportance(),
-                global_pruning=True,
-                pruning_ratio=0.0,
-                ignored_layers=ignored,
-                root_module_types=[nn.Conv2d],
-            )
-        total = pruner.initial_total_channels
-        if total == 0:
+        candidates: list[tuple[float, int, str, int]] = []  # (score, rank within its group, root, filter)
+        for group in _conv_groups(graph, _ignored(model, whole)):
+            root = group[0].dep.target.module
+            removable = root.out_channels - floor[names[root]]
+            scores = importance(group)
+            if removable <= 0 or scores is None:
+                continue
+            for rank, index in enumerate(scores.argsort(stable=True)[:removable].tolist()):
+                candidates.append((float(scores[index]), rank, names[root], index))
+        if not candidates:
             break
         # Removing a fraction c of all filters removes at most about 2c of the MACs (inputs and outputs).
-        chunk = min(0.1, (target_pct - reduction) / 100.0 / 2.5)
-        chunk = max(chunk, 1.0 / total + 1e-9)
-        pruner.per_step_pruning_ratio = [0.0, chunk]  # step() advances to index 1
-        pruner.step()
-        step_history = plain_history(pruner.DG.pruning_history())
-        if not step_history:
-            break
-        history += step_history
+        total = sum(m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d))
+        count = max(1, int(total * min(0.1, (target_pct - reduction) / 100.0 / 2.5)))
+        chosen: dict[str, list[int]] = {}
+        for _, _, root_name, index in sorted(candidates)[:count]:
+            chosen.setdefault(root_name, []).append(index)
+        for root_name, indices in chosen.items():
+            root = model.get_submodule(root_name)
+            graph.get_pruning_group(root, graph.get_pruner_of_module(root).prune_out_channels, indices).prune()
+        model.zero_grad(set_to_none=True)
+        history += plain_history(graph.pruning_history())
         steps += 1
         reduction = 100.0 * (1.0 - macs_of(model, input_size) / dense_macs)
-    model.zero_grad(set_to_none=True)
-    if reduction < target_pct - TOLERANCE:
+        if reduction > target_pct + TOLERANCE and abs(before[2] - target_pct) < abs(reduction - target_pct):
+            # The smallest step overshot further than where it started: keep the state before it.
+            model, history, reduction = before[0], history[: before[1]], before[2]
+            steps -= 1
+            break
+    if reduction < target_pct - 2 * TOLERANCE:
         raise BadInput(
             f"static Taylor pruning stopped at {reduction:.1f}% FLOPs reduction (target {target_pct:g}%); "
             "lower --target-flops"
@@ -288,20 +327,12 @@ def counts(dense: nn.Module, kept: dict[str, int], input_size: tuple[int, int]) 
     example = example_input(model, input_size)
     dense_macs = macs_of(model, input_size)
     whole = unprunable_convs(model, example)
-    names = {m: n for n, m in model.named_modules()}
-    graph = _dependency_graph(model, example)
-    importance = tp.importance.MagnitudeImportance(p=1)
-    for group in _conv_groups(graph, _ignored(model, whole)):
-        root = group[0].dep.target.module
-        wanted = [kept[names[c]] for c in _out_pruned_convs(graph, group) if names[c] in kept]
-        if not wanted or max(wanted) >= root.out_channels:
-            continue
-        prune_fn = graph.get_pruner_of_module(root).prune_out_channels
-        full = graph.get_pruning_group(root, prune_fn, list(range(root.out_channels)))
-        scores = importance(full)
-        drop = scores.argsort()[: root.out_channels - max(wanted)].tolist()
-        graph.get_pruning_group(root, prune_fn, drop).prune()
-    history = plain_history(graph.pruning_history())
+    keep = {}
+    for root, width, members in _groups(model, example, whole):
+        wanted = [kept[m] for m in members if m in kept]
+        if wanted:
+            keep[root] = min(width, max(wanted))
+    history = prune_groups(model, keep, example)
     return _result(dense, model, "signature", None, dense_macs, history, input_size, whole)
 
 

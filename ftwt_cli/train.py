@@ -333,6 +333,13 @@ def evaluate(
     return metrics
 
 
+def detach_frozen_heads(model: FTWTModel, frozen: bool, mode: str) -> None:
+    """Frozen heads leave the backbone's graph: joint mode's straight-through path and undetached head
+    input would otherwise keep sending the task loss's gradient through them; their masks become
+    constants, exactly as in decoupled training."""
+    model.configure(decoupled=frozen or mode == "decoupled")
+
+
 def warm_up_heads(model: FTWTModel, loader: DataLoader, device: torch.device, lr: float, momentum: float) -> int:
     """``--head-init ones``: head-only SGD towards the keep-everything target, with the backbone frozen
     (eval mode, detached head inputs), until every head keeps every channel of a batch with a margin
@@ -541,6 +548,8 @@ class Run:
         else:
             self.train_loader.generator.manual_seed(cfg.seed + epoch)
         heads_frozen = not spec.dense and epoch >= spec.freeze_epoch
+        if not spec.dense:
+            detach_frozen_heads(self.model, heads_frozen, cfg.mode)
         objective = Objective(self.target, head_weight=0.0 if heads_frozen else 1.0)
         stepping = [opt for name, opt in self.optimizers.items() if not (name == "heads" and heads_frozen)]
         self.net.train()
