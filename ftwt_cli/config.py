@@ -40,6 +40,7 @@ class Config:
     checkpoint: str | None = None
     samples: int = 0  # cap on training images used by a data pass (0: all)
     test_samples: int = 0  # cap on test images (0: all)
+    val_fraction: float = 0.1  # training images held out (seeded): best.pt selection and budget calibration
     batch_size: int = 128
     workers: int = 0
     device: str = "auto"
@@ -66,6 +67,7 @@ class Config:
     mode: str = "decoupled"
     freeze_heads_after: float = 0.5
     head_init: str = "random"
+    calibrate: bool = True  # with --target-flops: per-layer head thresholds hit the budget after training
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -138,6 +140,8 @@ def validate(c: Config) -> None:
         raise BadInput(f"--device must be auto, cpu or cuda, got {c.device!r}")
     if not (0.0 <= c.freeze_heads_after <= 1.0):
         raise BadInput(f"--freeze-heads-after must be in [0, 1], got {c.freeze_heads_after}")
+    if not (0.0 <= c.val_fraction < 1.0):
+        raise BadInput(f"--val-fraction must be in [0, 1), got {c.val_fraction:g}")
     if c.head_pool not in ("max", "avg"):
         raise BadInput(f"--head-pool must be max or avg, got {c.head_pool!r}")
     if c.head_init not in ("random", "ones"):

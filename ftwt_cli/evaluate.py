@@ -24,7 +24,8 @@ from torchvision.transforms.v2 import functional as TF
 
 from ftwt_cli.console import progress_bar
 from ftwt_cli.flops import FlopsCounter
-from ftwt_cli.gating import FTWTModel, HeadSpec, Target, make_target
+from ftwt_cli.gating import FTWTModel, HeadSpec, Target, make_target, truth_masks
+from ftwt_cli.metrics import DistinctRows, LayerStats, MaskStats  # noqa: F401 - re-exported
 from ftwt_cli.graph import ModelGraph, analyze
 from ftwt_cli.runtime import LoadedModel
 
@@ -137,78 +138,8 @@ class ScoreAccumulator:
 # Mask analysis
 
 
-class DistinctRows:
-    """Counts distinct rows of boolean [N, C] batches. Rows are packed to bytes (C/8 per row) and kept in a
-    set, so memory grows with the number of distinct masks, not with the number of samples."""
-
-    def __init__(self) -> None:
-        self._seen: set[bytes] = set()
-
-    def add(self, masks: torch.Tensor) -> None:
-        packed = np.packbits(masks.detach().to("cpu", torch.bool).numpy(), axis=1)
-        self._seen.update(map(bytes, packed))
-
-    def __len__(self) -> int:
-        return len(self._seen)
-
-
-@dataclass
-class LayerStats:
-    name: str
-    channels: int
-    keep_ratio: float  # mean fraction of channels kept per sample
-    head_accuracy: float | None  # agreement of the applied mask with the ground truth (None: dense)
-    clusters: int  # distinct masks over the evaluated samples
-    core_fraction: float  # fraction of channels kept by every sample
-
-
-class MaskAccumulator:
-    """Streaming per-layer mask statistics and per-sample MACs of the masks actually applied."""
-
-    def __init__(self, counter: FlopsCounter, names: list[str]) -> None:
-        self.counter = counter
-        self.names = names
-        blocks = counter.graph.blocks
-        self.channels = [b.out_channels for b in blocks]
-        self.samples = 0
-        self.macs_sum = 0.0
-        self.kept_sum = [0.0] * len(blocks)
-        self.agree_sum: list[float] | None = None
-        self.core: list[torch.Tensor | None] = [None] * len(blocks)
-        self.distinct = [DistinctRows() for _ in blocks]
-
-    def update(self, masks: list[torch.Tensor], truth: list[torch.Tensor] | None = None) -> None:
-        """``masks``: applied bool masks [N, C_b] per block; ``truth``: ground-truth masks, if any."""
-        self.samples += masks[0].shape[0]
-        self.macs_sum += float(self.counter.macs_from_masks(masks).sum())
-        for b, mask in enumerate(masks):
-            self.kept_sum[b] += float(mask.float().mean(dim=1).sum())
-            always = mask.all(dim=0)
-            self.core[b] = always if self.core[b] is None else self.core[b] & always
-            self.distinct[b].add(mask)
-        if truth is not None:
-            if self.agree_sum is None:
-                self.agree_sum = [0.0] * len(masks)
-            for b, (mask, goal) in enumerate(zip(masks, truth)):
-                self.agree_sum[b] += float((mask == goal).float().mean(dim=1).sum())
-
-    @property
-    def mean_macs(self) -> float:
-        return self.macs_sum / max(self.samples, 1)
-
-    def layers(self) -> list[LayerStats]:
-        n = max(self.samples, 1)
-        return [
-            LayerStats(
-                name=name,
-                channels=channels,
-                keep_ratio=self.kept_sum[b] / n,
-                head_accuracy=None if self.agree_sum is None else self.agree_sum[b] / n,
-                clusters=len(self.distinct[b]),
-                core_fraction=float(self.core[b].float().mean()) if self.core[b] is not None else 1.0,
-            )
-            for b, (name, channels) in enumerate(zip(self.names, self.channels))
-        ]
+# Mask statistics live in ftwt_cli.metrics (shared with training); the old names stay importable.
+MaskAccumulator = MaskStats
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -272,8 +203,12 @@ class EvaluatedModel:
             return logits, ones, None
         records = self.model.records()
         masks = [rec.mask > 0 for rec in records]
-        truth = [self.target.mask(rec.response) for rec in records]
+        truth = truth_masks(records, self.target)
         return logits, masks, truth
+
+    def head_logits(self) -> list[torch.Tensor] | None:
+        """The heads' logits of the last analysed forward pass (None for a dense model)."""
+        return [rec.logits for rec in self.model.records()] if self.target is not None else None
 
     def release(self) -> nn.Module:
         """Stop recording and hand back the model in eval mode on the CPU (for latency measurements)."""
@@ -340,7 +275,7 @@ def estimate_vs_reached(meta: dict, reached_pct: float) -> dict | None:
     }
 
 
-def _report(model: EvaluatedModel, scores: Scores, masks: MaskAccumulator) -> ModelReport:
+def _report(model: EvaluatedModel, scores: Scores, masks: MaskStats) -> ModelReport:
     meta = model.loaded.meta
     ftwt = model.target is not None
     counter = model.counter
@@ -391,9 +326,9 @@ def _pass(
     device: torch.device,
     seed: int,
     analyse: bool,
-) -> tuple[list[ScoreAccumulator], list[MaskAccumulator]]:
+) -> tuple[list[ScoreAccumulator], list[MaskStats]]:
     scores = [ScoreAccumulator() for _ in models]
-    masks = [MaskAccumulator(m.counter, m.block_names) for m in models] if analyse else []
+    masks = [MaskStats(m.counter, m.block_names) for m in models] if analyse else []
     total = len(loader) if hasattr(loader, "__len__") else None
     with torch.no_grad(), progress_bar(f"eval {perturbation.label}", total) as advance:
         for batch_index, (images, labels) in enumerate(loader):
@@ -404,7 +339,7 @@ def _pass(
                 logits, applied, truth = model.forward(inputs, analyse)
                 scores[i].update(logits, labels)
                 if analyse:
-                    masks[i].update(applied, truth)
+                    masks[i].update(applied, truth, model.head_logits())
             advance()
     return scores, masks
 

@@ -434,10 +434,11 @@ def truth_masks(records: list[BlockRecord], target: Target | Sequence[Target]) -
     return [t.mask(rec.response) for rec, t in zip(records, per_block(target, len(records)))]
 
 
-def head_loss(records: list[BlockRecord], target: Target | Sequence[Target]) -> torch.Tensor:
-    """Mean over blocks of (Σ over filters of BCEWithLogits(P, g), averaged over the batch)."""
+def head_loss(records: list[BlockRecord], truth: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over blocks of (Σ over filters of BCEWithLogits(P, g), averaged over the batch);
+    ``truth`` holds each block's ground-truth mask (:func:`truth_masks`)."""
     losses = []
-    for rec, goal in zip(records, truth_masks(records, target)):
+    for rec, goal in zip(records, truth):
         assert rec.logits is not None, "head loss needs logits: record in training mode"
         per_sample = F.binary_cross_entropy_with_logits(rec.logits, goal.to(rec.logits.dtype), reduction="none").sum(dim=1)
         losses.append(per_sample.mean())

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from ftwt_cli import checkpoint as ckpt
 from ftwt_cli.config import Config
@@ -60,6 +60,27 @@ def dataset(cfg: Config, split: str, *, augment: bool = False, normalize: bool =
     )
     limit = (cfg.samples if split == "train" else cfg.test_samples) if cap else 0
     return subset(ds, limit, seed=cfg.seed)
+
+
+def holdout_indices(size: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(training, held-out) indices: a seeded ``fraction`` of ``size`` items (at least one) held out."""
+    if fraction <= 0:
+        return list(range(size)), []
+    held = max(1, round(fraction * size))
+    if held >= size:
+        raise BadInput(f"--val-fraction {fraction:g} leaves no training images out of {size}")
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed + 7919)).tolist()
+    return sorted(order[held:]), sorted(order[:held])
+
+
+def training_splits(cfg: Config, augment: bool = True) -> tuple[Dataset, Dataset | None]:
+    """The training images (augmented) and the held-out validation images (plain transforms, None when
+    ``val_fraction`` is 0), carved from the (capped) training split with the run's seed."""
+    train = dataset(cfg, "train", augment=augment)
+    keep, held = holdout_indices(len(train), cfg.val_fraction, cfg.seed)
+    if not held:
+        return train, None
+    return Subset(train, keep), Subset(dataset(cfg, "train"), held)
 
 
 def num_classes(cfg: Config) -> int:
