@@ -15,7 +15,7 @@ from ftwt_cli import train as training
 from ftwt_cli.checkpoint import save_checkpoint
 from ftwt_cli.config import resolve
 from ftwt_cli.errors import BadInput
-from ftwt_cli.gating import FixedCountTarget, FTWTModel, head_loss, make_target
+from ftwt_cli.gating import FixedCountTarget, FTWTModel, head_loss, make_target, truth_masks
 from ftwt_cli.graph import analyze
 from ftwt_cli.models import create_model
 from ftwt_cli.models.mobilenet import MobileNetV1
@@ -182,7 +182,7 @@ def test_signature_routing_keeps_exactly_the_count_of_every_block():
         assert (target.mask(rec.response).sum(dim=1) == kept[block.conv]).all()
     # Which filters are kept differs between samples (routing), not only how many.
     assert any(len({tuple(row.tolist()) for row in rec.mask.bool()}) > 1 for rec in records)
-    head_loss(records, targets).backward()
+    head_loss(records, truth_masks(records, targets)).backward()
     assert all(p.grad is not None for p in model.head_parameters())
 
 
@@ -222,7 +222,7 @@ def test_frozen_heads_in_joint_mode_pass_no_gradient():
 
     training.detach_frozen_heads(model, frozen=True, mode="joint")
     objective = training.Objective(target, head_weight=0.0)  # what train_epoch uses once heads are frozen
-    task, heads = objective(model, model(images), labels)
+    task, heads, _ = objective(model, model(images), labels)
     (task + objective.head_weight * heads).backward()
     assert all(p.grad is None or not p.grad.any() for p in model.head_parameters())
     frozen_grads = [p.grad.clone() for p in model.backbone_parameters()]
