@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this tree's ftwt_cli, not an installed one
+
 from rich.console import Console
 from rich.table import Table
 
@@ -61,15 +63,23 @@ def ftwt(*args: str) -> dict:
     return json.loads(done.stdout)
 
 
+def finished(run_dir: Path, epochs: int) -> bool:
+    """A run directory whose last.pt holds all ``epochs`` (last.pt is rewritten after every epoch)."""
+    from ftwt_cli.checkpoint import load_checkpoint
+
+    last = run_dir / "last.pt"
+    return last.is_file() and load_checkpoint(last)["meta"].get("epoch") == epochs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="minutes: dense 10 epochs, 4 fine-tuning epochs each")
+    parser.add_argument("--quick", action="store_true", help="minutes: dense 10 epochs, 3 fine-tuning epochs each")
     parser.add_argument("--json", action="store_true", help="one JSON document on stdout")
     parser.add_argument("--model", default="resnet20")
     parser.add_argument("--data", default=f"imagefolder:{CIFAR10_MINI}")
     parser.add_argument("--target-flops", type=float, default=50.0)
     parser.add_argument("--dense-epochs", type=int, help="default: 10 quick, 40 full")
-    parser.add_argument("--epochs", type=int, help="fine-tuning epochs of every method (default: 4 quick, 15 full)")
+    parser.add_argument("--epochs", type=int, help="fine-tuning epochs of every method (default: 3 quick, 15 full)")
     parser.add_argument("--blur-sigma", type=float, default=0.9)
     parser.add_argument("--noise-sigma", type=float, default=0.11)
     parser.add_argument("--methods", default=",".join(METHODS), help="comma list, subset of " + ",".join(METHODS))
@@ -85,14 +95,16 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
     dense_epochs = args.dense_epochs or (10 if args.quick else 40)
-    epochs = args.epochs or (4 if args.quick else 15)
+    epochs = args.epochs or (3 if args.quick else 15)
     common = ["--profile", "quickstart", "--model", args.model, "--data", args.data, "--seed", str(args.seed), "--workers", "0"]
     root = Path(args.checkpoint_dir) / f"{args.model}-d{dense_epochs}-s{args.seed}"
     started = time.perf_counter()
 
     dense_dir = root / "dense"
     dense_ckpt = dense_dir / "last.pt"
-    if not dense_ckpt.is_file():
+    if not finished(dense_dir, dense_epochs):
+        if dense_dir.exists():
+            raise SystemExit(f"{dense_dir} holds an unfinished run; remove it or finish it with 'ftwt train --resume'")
         console.print(f"[bold]dense[/bold]: {dense_epochs} epochs → {dense_dir}")
         milestones = f"{max(1, dense_epochs // 2)},{max(1, dense_epochs * 3 // 4)}"
         ftwt("train", *common, "--dense", "--epochs", str(dense_epochs), "--lr", "0.1", "--milestones", milestones, "--out", str(dense_dir))
@@ -104,7 +116,7 @@ def main() -> None:
     train_summaries: dict[str, dict] = {}
     for method in methods:
         run_dir = root / f"{method}-{tag}"
-        if not (run_dir / "last.pt").is_file():
+        if not finished(run_dir, epochs):
             if run_dir.exists():
                 raise SystemExit(f"{run_dir} holds an unfinished run; remove it or resume it with 'ftwt train --resume'")
             console.print(f"[bold]{method}[/bold]: {epochs} epochs → {run_dir}")
