@@ -80,6 +80,7 @@ def main() -> None:
     parser.add_argument("--target-flops", type=float, default=50.0)
     parser.add_argument("--dense-epochs", type=int, help="default: 10 quick, 40 full")
     parser.add_argument("--epochs", type=int, help="fine-tuning epochs of every method (default: 3 quick, 15 full)")
+    parser.add_argument("--samples", type=int, default=0, help="cap on training images of the fine-tuning runs (0: all)")
     parser.add_argument("--blur-sigma", type=float, default=0.9)
     parser.add_argument("--noise-sigma", type=float, default=0.11)
     parser.add_argument("--methods", default=",".join(METHODS), help="comma list, subset of " + ",".join(METHODS))
@@ -111,7 +112,7 @@ def main() -> None:
     else:
         console.print(f"dense: reusing {dense_ckpt}")
 
-    tag = f"p{args.target_flops:g}-e{epochs}"
+    tag = f"p{args.target_flops:g}-e{epochs}" + (f"-n{args.samples}" if args.samples else "")
     checkpoints: dict[str, Path] = {}
     train_summaries: dict[str, dict] = {}
     for method in methods:
@@ -122,7 +123,8 @@ def main() -> None:
             console.print(f"[bold]{method}[/bold]: {epochs} epochs → {run_dir}")
             train_summaries[method] = ftwt(
                 "train", *common, *method_args(method, args.target_flops), "--init", str(dense_ckpt),
-                "--epochs", str(epochs), "--milestones", str(max(1, epochs * 3 // 4)), "--out", str(run_dir),
+                "--epochs", str(epochs), "--milestones", str(max(1, epochs * 3 // 4)), "--samples", str(args.samples),
+                "--out", str(run_dir),
             )  # fmt: skip
         checkpoints[method] = run_dir / "last.pt"
 
@@ -186,6 +188,7 @@ def main() -> None:
             "target_flops": args.target_flops,
             "dense_epochs": dense_epochs,
             "epochs": epochs,
+            "samples": args.samples,
             "rows": rows,
             "verdict": verdict,
             "train": train_summaries,
