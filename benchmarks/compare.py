@@ -75,6 +75,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="minutes: dense 10 epochs, 3 fine-tuning epochs each")
     parser.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    parser.add_argument("--profile", default="quickstart", help="recipe fields the options below do not set (momentum, wd, head lr)")
     parser.add_argument("--model", default="resnet20")
     parser.add_argument("--data", default=f"imagefolder:{CIFAR10_MINI}")
     parser.add_argument("--target-flops", type=float, default=50.0)
@@ -97,7 +98,7 @@ def main() -> None:
         raise SystemExit(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
     dense_epochs = args.dense_epochs or (10 if args.quick else 40)
     epochs = args.epochs or (3 if args.quick else 15)
-    common = ["--profile", "quickstart", "--model", args.model, "--data", args.data, "--seed", str(args.seed), "--workers", "0"]
+    common = ["--profile", args.profile, "--model", args.model, "--data", args.data, "--seed", str(args.seed), "--workers", "0"]
     root = Path(args.checkpoint_dir) / f"{args.model}-d{dense_epochs}-s{args.seed}"
     started = time.perf_counter()
 
