@@ -75,17 +75,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="minutes: dense 10 epochs, 3 fine-tuning epochs each")
     parser.add_argument("--json", action="store_true", help="one JSON document on stdout")
-    parser.add_argument("--profile", default="quickstart", help="recipe fields the options below do not set (momentum, wd, head lr)")
+    parser.add_argument(
+        "--profile", default="quickstart", help="recipe fields the options below do not set (momentum, wd, head lr)"
+    )
     parser.add_argument("--model", default="resnet20")
     parser.add_argument("--data", default=f"imagefolder:{CIFAR10_MINI}")
     parser.add_argument("--target-flops", type=float, default=50.0)
     parser.add_argument("--dense-epochs", type=int, help="default: 10 quick, 40 full")
     parser.add_argument("--epochs", type=int, help="fine-tuning epochs of every method (default: 3 quick, 15 full)")
-    parser.add_argument("--samples", type=int, default=0, help="cap on training images of the fine-tuning runs (0: all)")
+    parser.add_argument(
+        "--samples", type=int, default=0, help="cap on training images of the fine-tuning runs (0: all)"
+    )
     parser.add_argument("--blur-sigma", type=float, default=0.9)
     parser.add_argument("--noise-sigma", type=float, default=0.11)
     parser.add_argument("--methods", default=",".join(METHODS), help="comma list, subset of " + ",".join(METHODS))
-    parser.add_argument("--checkpoint-dir", default=str(REPO / "runs" / "compare"), help="run directories; the dense model is reused from here")
+    parser.add_argument(
+        "--checkpoint-dir", default=str(REPO / "runs" / "compare"), help="run directories; the dense one is reused"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -98,7 +104,8 @@ def main() -> None:
         raise SystemExit(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
     dense_epochs = args.dense_epochs or (10 if args.quick else 40)
     epochs = args.epochs or (3 if args.quick else 15)
-    common = ["--profile", args.profile, "--model", args.model, "--data", args.data, "--seed", str(args.seed), "--workers", "0"]
+    common = ["--profile", args.profile, "--model", args.model, "--data", args.data, "--seed", str(args.seed)]
+    common += ["--workers", "0"]
     root = Path(args.checkpoint_dir) / f"{args.model}-d{dense_epochs}-s{args.seed}"
     started = time.perf_counter()
 
@@ -109,7 +116,8 @@ def main() -> None:
             raise SystemExit(f"{dense_dir} holds an unfinished run; remove it or finish it with 'ftwt train --resume'")
         console.print(f"[bold]dense[/bold]: {dense_epochs} epochs → {dense_dir}")
         milestones = f"{max(1, dense_epochs // 2)},{max(1, dense_epochs * 3 // 4)}"
-        ftwt("train", *common, "--dense", "--epochs", str(dense_epochs), "--lr", "0.1", "--milestones", milestones, "--out", str(dense_dir))
+        recipe = ["--epochs", str(dense_epochs), "--lr", "0.1", "--milestones", milestones]
+        ftwt("train", *common, "--dense", *recipe, "--out", str(dense_dir))
     else:
         console.print(f"dense: reusing {dense_ckpt}")
 
@@ -120,7 +128,7 @@ def main() -> None:
         run_dir = root / f"{method}-{tag}"
         if not finished(run_dir, epochs):
             if run_dir.exists():
-                raise SystemExit(f"{run_dir} holds an unfinished run; remove it or resume it with 'ftwt train --resume'")
+                raise SystemExit(f"{run_dir} holds an unfinished run; remove it or finish it ('ftwt train --resume')")
             console.print(f"[bold]{method}[/bold]: {epochs} epochs → {run_dir}")
             train_summaries[method] = ftwt(
                 "train", *common, *method_args(method, args.target_flops), "--init", str(dense_ckpt),
@@ -167,8 +175,10 @@ def main() -> None:
             "holds": gap >= GOAL_POINTS,
         }
 
-    table = Table("method", "FLOPs ↓ %", "top-1 %", "Brier clean", f"Brier blur {args.blur_sigma:g}", f"Brier noise {args.noise_sigma:g}",
-                  title=f"{args.model} on {Path(data_dir).name or args.data}: dense {dense_epochs} ep, methods {epochs} ep, target {args.target_flops:g}%")  # fmt: skip
+    title = f"{args.model} on {Path(data_dir).name or args.data}: dense {dense_epochs} epochs, methods {epochs} epochs"
+    columns = ["FLOPs ↓ %", "top-1 %", "Brier clean"]
+    columns += [f"Brier blur {args.blur_sigma:g}", f"Brier noise {args.noise_sigma:g}"]
+    table = Table("method", *columns, title=f"{title}, target {args.target_flops:g}%")
     fmt = lambda v: "–" if v is None else f"{v:.4f}"  # noqa: E731
     for r in rows:
         table.add_row(

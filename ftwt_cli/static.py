@@ -177,10 +177,11 @@ def _groups(model: nn.Module, example: torch.Tensor, whole: list[str]) -> list[t
     """(root conv name, width, names of every conv whose filters the group removes) per prunable group."""
     names = {m: n for n, m in model.named_modules()}
     graph = _dependency_graph(model, example)
-    return [
-        (names[group[0].dep.target.module], group[0].dep.target.module.out_channels, [names[c] for c in _out_pruned_convs(graph, group)])
-        for group in _conv_groups(graph, _ignored(model, whole))
-    ]
+    groups = []
+    for group in _conv_groups(graph, _ignored(model, whole)):
+        root = group[0].dep.target.module
+        groups.append((names[root], root.out_channels, [names[c] for c in _out_pruned_convs(graph, group)]))
+    return groups
 
 
 def prune_groups(model: nn.Module, keep: dict[str, int], example: torch.Tensor) -> list:
@@ -269,7 +270,11 @@ def taylor(
     example = example_input(model, input_size)
     dense_macs = macs_of(model, input_size)
     whole = unprunable_convs(model, example)
-    floor = {name: max(1, math.ceil((1 - MAX_LAYER_FRACTION) * m.out_channels)) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    floor = {
+        name: max(1, math.ceil((1 - MAX_LAYER_FRACTION) * m.out_channels))
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Conv2d)
+    }
     importance = tp.importance.TaylorImportance()
     history: list = []
     reduction, steps = 0.0, 0
@@ -444,11 +449,13 @@ def _dense_init(cfg, init: str | None):
 
 
 def taylor_batches(cfg) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The first TAYLOR_BATCHES shuffled (seeded) training mini-batches, without augmentation."""
+    """The first TAYLOR_BATCHES shuffled (seeded) training mini-batches, without augmentation, never from
+    the validation images a run holds out."""
     from ftwt_cli import runtime
     from ftwt_cli.data import make_loader
 
-    loader = make_loader(runtime.dataset(cfg, "train"), cfg.batch_size, shuffle=True, workers=cfg.workers, seed=cfg.seed)
+    train_set, _ = runtime.training_splits(cfg, augment=False)  # never the held-out validation images
+    loader = make_loader(train_set, cfg.batch_size, shuffle=True, workers=cfg.workers, seed=cfg.seed)
     batches = []
     for images, labels in loader:
         batches.append((images, labels))
@@ -510,13 +517,19 @@ def prune_for_run(spec, device: torch.device):
         result = taylor(dense, record["target_flops"], size, taylor_batches(cfg))
     else:
         result = counts(dense, record["counts"], size)
-    record |= {"reduction_pct": result.reduction_pct, "fraction": result.fraction, "steps": result.steps, "left_whole": result.whole}
+    record |= {
+        "reduction_pct": result.reduction_pct,
+        "fraction": result.fraction,
+        "steps": result.steps,
+        "left_whole": result.whole,
+    }
     meta = {**loaded.meta, **result.meta(), "init": record["init"]}
     if method == "signature":
         meta["signature_source"] = record.get("signature_source")
     console.print(
         f"static {method}: {result.dense_macs / 1e6:.2f} → {result.macs / 1e6:.2f} MMACs "
-        f"({result.reduction_pct:.2f}% FLOPs reduction)" + (f", {len(result.whole)} convs left whole" if result.whole else ""),
+        f"({result.reduction_pct:.2f}% FLOPs reduction)"
+        + (f", {len(result.whole)} convs left whole" if result.whole else ""),
         highlight=False,
     )
     return runtime.LoadedModel(result.model.train(), meta, None)
