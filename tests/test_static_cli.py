@@ -38,7 +38,7 @@ def evaluate(run_cli, checkpoint, *compare):
 
 
 @pytest.mark.parametrize("method", ["uniform", "taylor"])
-def test_static_run_saves_a_checkpoint_eval_loads_with_reduction_vs_the_dense_model(run_cli, tmp_path, dense_ckpt, method):
+def test_static_checkpoint_loads_in_eval_with_reduction_vs_dense(run_cli, tmp_path, dense_ckpt, method):
     summary = train(run_cli, "--static", method, "--target-flops", "40", "--init", dense_ckpt, "--out", tmp_path / "run")
     assert summary["mode"] == "static" and abs(summary["flops_reduction_pct"] - 40) <= 1.0
     meta = load_checkpoint(tmp_path / "run/best.pt")["meta"]
@@ -66,7 +66,8 @@ def test_signature_runs_dynamic_and_static_with_the_same_counts(run_cli, tmp_pat
     counts = {b.conv: max(1, b.out_channels // 2) for b in blocks}
     (tmp_path / "sig.json").write_text(json.dumps(counts))
     dynamic = train(run_cli, "--signature", tmp_path / "sig.json", "--init", dense_ckpt, "--out", tmp_path / "dyn")
-    fixed = train(run_cli, "--signature", tmp_path / "sig.json", "--static-signature", "--init", dense_ckpt, "--out", tmp_path / "st")
+    signature = ["--signature", tmp_path / "sig.json", "--init", dense_ckpt]
+    fixed = train(run_cli, *signature, "--static-signature", "--out", tmp_path / "st")
     assert dynamic["mode"] == "decoupled" and fixed["mode"] == "static"
     assert load_checkpoint(tmp_path / "dyn/best.pt")["meta"]["signature"] == counts
     assert load_checkpoint(tmp_path / "st/best.pt")["meta"]["kept_filters"] == counts
@@ -74,7 +75,8 @@ def test_signature_runs_dynamic_and_static_with_the_same_counts(run_cli, tmp_pat
     # the heads keep exactly the counts, so both cost the same conv MACs (the static classifier is smaller)
     assert rows[0]["label"].startswith("ftwt signature") and rows[1]["label"] == "static-signature"
     assert rows[0]["flops_reduction_pct"] == pytest.approx(rows[1]["flops_reduction_pct"], abs=0.1)
-    layers = {row["name"]: row for row in json.loads(run_cli("eval", "--profile", "smoke", "--checkpoint", tmp_path / "dyn/best.pt", "--json").stdout)["models"][0]["layers"]}  # fmt: skip
+    (dynamic_row,) = evaluate(run_cli, tmp_path / "dyn/best.pt")
+    layers = {row["name"]: row for row in dynamic_row["layers"]}
     for conv, k in counts.items():
         assert layers[conv]["keep_ratio"] * layers[conv]["channels"] == pytest.approx(k)
 
@@ -86,9 +88,10 @@ def test_taylor_signature_is_recorded(run_cli, tmp_path, dense_ckpt):
 
 
 def test_ablation_flags_are_recorded_in_the_run_directory(run_cli, tmp_path, dense_ckpt):
-    train(run_cli, "--gt", "topk", "--r", "0.5", "--mode", "joint", "--no-head-softmax", "--init", dense_ckpt, "--out", tmp_path / "run")
-    config = json.loads((tmp_path / "run/config.json").read_text())
-    assert (config["config"]["target"], config["config"]["mode"], config["config"]["head_softmax"]) == ("topk", "joint", False)
+    ablation = ["--gt", "topk", "--r", "0.5", "--mode", "joint", "--no-head-softmax"]
+    train(run_cli, *ablation, "--init", dense_ckpt, "--out", tmp_path / "run")
+    config = json.loads((tmp_path / "run/config.json").read_text())["config"]
+    assert (config["target"], config["mode"], config["head_softmax"]) == ("topk", "joint", False)
     (row,) = evaluate(run_cli, tmp_path / "run/best.pt")
     assert "topk" in row["label"] and "joint" in row["label"] and "no-softmax" in row["label"]
 
@@ -117,7 +120,8 @@ def test_bad_combinations_exit_2_and_write_nothing(run_cli, tmp_path, dense_ckpt
     (tmp_path / "bad.json").write_text(json.dumps({"nope": 1}))
     paths = {"missing": tmp_path / "missing.json", "bad": tmp_path / "bad.json"}
     out = tmp_path / "run"
-    result = run_cli("train", "--profile", "smoke", "--init", dense_ckpt, *[a.format(**paths) for a in args], "--out", out, "--json")
+    options = [a.format(**paths) for a in args]
+    result = run_cli("train", "--profile", "smoke", "--init", dense_ckpt, *options, "--out", out, "--json")
     assert result.exit_code == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
     assert result.stdout == "" and not out.exists()
