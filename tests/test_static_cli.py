@@ -39,7 +39,8 @@ def evaluate(run_cli, checkpoint, *compare):
 
 @pytest.mark.parametrize("method", ["uniform", "taylor"])
 def test_static_checkpoint_loads_in_eval_with_reduction_vs_dense(run_cli, tmp_path, dense_ckpt, method):
-    summary = train(run_cli, "--static", method, "--target-flops", "40", "--init", dense_ckpt, "--out", tmp_path / "run")
+    args = ["--target-flops", "40", "--init", dense_ckpt, "--out", tmp_path / "run"]
+    summary = train(run_cli, "--static", method, *args)
     assert summary["mode"] == "static" and abs(summary["flops_reduction_pct"] - 40) <= 1.0
     meta = load_checkpoint(tmp_path / "run/best.pt")["meta"]
     assert meta["kind"] == "static" and meta["method"] == method and meta["target_flops"] == 40
