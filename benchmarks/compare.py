@@ -8,8 +8,9 @@ subprocess per run, on real CIFAR-10 images (cifar10-mini) with ResNet20:
    ``ftwt`` (decoupled FTWT, r searched for P), ``static-uniform`` and ``static-taylor``
    (torch-pruning), ``signature-dynamic`` (the Taylor baseline's per-layer counts, routed per sample)
    and ``signature-static`` (the same counts, one fixed filter set);
-3. one ``ftwt eval --compare`` over the final checkpoints (``last.pt``: no selection on the test set):
-   top-1, FLOPs reduction measured against the dense model, Brier score clean, at blur σ and noise σ.
+3. one ``ftwt eval --compare`` over every run's ``best.pt`` (chosen on held-out training images, never
+   on the test split; for FTWT the budget-calibrated model): top-1, FLOPs reduction measured against
+   the dense model, Brier score clean, at blur σ and noise σ.
 
     python benchmarks/compare.py [--quick] [--json] [--model resnet20] [--target-flops 50]
 
@@ -110,7 +111,7 @@ def main() -> None:
     started = time.perf_counter()
 
     dense_dir = root / "dense"
-    dense_ckpt = dense_dir / "last.pt"
+    dense_ckpt = dense_dir / "best.pt"
     if not finished(dense_dir, dense_epochs):
         if dense_dir.exists():
             raise SystemExit(f"{dense_dir} holds an unfinished run; remove it or finish it with 'ftwt train --resume'")
@@ -135,7 +136,7 @@ def main() -> None:
                 "--epochs", str(epochs), "--milestones", str(max(1, epochs * 3 // 4)), "--samples", str(args.samples),
                 "--out", str(run_dir),
             )  # fmt: skip
-        checkpoints[method] = run_dir / "last.pt"
+        checkpoints[method] = run_dir / "best.pt"
 
     console.print("[bold]eval[/bold]: every model on the test split, clean and perturbed")
     compare = [a for m in methods for a in ("--compare", str(checkpoints[m]))]
