@@ -66,8 +66,8 @@ def run_target(args, base: dict, init: str, target: float, variant: str, out: Pa
     calibration = summary.calibration or {}
     layers = pd.read_csv(out / training.LAYERS_FILE)
     last = layers[layers["epoch"] == layers["epoch"].max()]
-    raw, tuned = last[last["split"] == "test"], last[last["split"] == "test-calibrated"]
-    # raw figures are those of best.pt before calibration (the epoch the val split chose)
+    # best.pt (the epoch the held-out split chose) on the test split, before and after calibration
+    raw, tuned = last[last["split"] == "best-raw"], last[last["split"] == "best-calibrated"]
     return {
         "target_pct": target,
         "variant": variant,

@@ -659,7 +659,7 @@ class Run:
         for p in self.model.parameters():  # every rank needs best.pt's weights: broadcast them too
             if self.dist.enabled:
                 torch_dist.broadcast(p.data, src=0)
-        raw, _ = validate(self.model, self.test_loader, self.device, self.target, self.dist, self.show, "test (raw heads)")
+        raw, raw_stats = validate(self.model, self.test_loader, self.device, self.target, self.dist, self.show, "test (raw heads)")
         images = self.val_loader
         if images is None:
             self.log("[yellow]warning:[/yellow] --val-fraction 0: calibrating on training images (none are held out)")
@@ -677,7 +677,7 @@ class Run:
             "test_reduction_raw_pct": raw.flops_reduction_with_heads_pct,
             "test_reduction_calibrated_pct": tuned.flops_reduction_with_heads_pct,
         }
-        self.layer_history += layer_rows(self.spec.epochs, "test-calibrated", stats)
+        self.layer_history += layer_rows(self.spec.epochs, "best-raw", raw_stats) + layer_rows(self.spec.epochs, "best-calibrated", stats)
         if self.dist.is_main and self.run_dir is not None:
             meta = {**self.meta, "epoch": self.spec.epochs, "test_top1": tuned.test_top1, "calibration": record}
             ckpt.save_checkpoint(self.run_dir / BEST_FILE, self.model, meta)

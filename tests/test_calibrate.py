@@ -111,7 +111,7 @@ def test_target_flops_training_is_calibrated_and_eval_measures_the_offsets(runs,
     assert report["head_pool"] == "avg" and report["head_norm"] is True
     assert "avg-pool" in report["label"] and "head-norm" in report["label"] and "calibrated" in report["label"]
     layers = pd.read_csv(root / "ftwt" / "layers.csv")
-    assert {"train", "val", "test", "test-calibrated"} <= set(layers["split"])
+    assert {"train", "val", "test", "best-raw", "best-calibrated"} <= set(layers["split"])
     assert {"target_keep_ratio", "keep_ratio", "precision", "recall", "head_bce", "clusters"} <= set(layers.columns)
     config = json.loads((root / "ftwt" / "config.json").read_text())["config"]
     assert config["head_pool"] == "avg" and config["head_norm"] is True
