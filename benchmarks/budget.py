@@ -43,6 +43,8 @@ VARIANTS = {
     "avg-pool": {"head_pool": "avg"},  # what the authors' public code does
     "no-softmax": {"head_softmax": False},
     "norm": {"head_norm": True},  # softmax, then per-channel standardisation (folded at inference)
+    "paper+warmup": {"head_warmup": 1},  # heads trained one epoch on the frozen backbone before masking
+    "norm+warmup": {"head_norm": True, "head_warmup": 1},
 }
 
 
@@ -74,8 +76,10 @@ def run_target(args, base: dict, init: str, target: float, variant: str, out: Pa
         "r": summary.r,
         "estimate_pct": summary.estimate["estimated_reduction_pct"],
         "reached_raw_pct": calibration.get("test_reduction_raw_pct"),
+        "reached_trained_pct": calibration.get("test_reduction_trained_pct"),
         "reached_calibrated_pct": calibration.get("test_reduction_calibrated_pct"),
         "top1_raw": calibration.get("test_top1_raw"),
+        "top1_trained": calibration.get("test_top1_trained"),
         "top1_calibrated": calibration.get("test_top1_calibrated"),
         "calibration_ratio": calibration.get("ratio"),
         "distinct_masks_raw": raw["clusters"].astype(int).tolist(),
@@ -95,7 +99,8 @@ def goals(row: dict) -> dict:
     return {
         "raw_within_2": raw is not None and abs(row["target_pct"] - raw) <= GOAL_RAW,
         "calibrated_within_1": cal is not None and abs(row["target_pct"] - cal) <= GOAL_CALIBRATED,
-        "calibration_top1_cost_le_1": cal is not None and row["top1_raw"] - row["top1_calibrated"] <= GOAL_TOP1_COST,
+        # calibration's cost: best.pt as trained (calibrated at the freeze) vs after the final calibration
+        "calibration_top1_cost_le_1": cal is not None and row["top1_trained"] - row["top1_calibrated"] <= GOAL_TOP1_COST,
     }
 
 

@@ -49,7 +49,7 @@ class Calibration:
 
     target_pct: float  # FLOPs reduction asked for (heads included)
     reached_pct: float  # measured on the calibration images after calibration (heads included)
-    raw_pct: float  # the same before calibration
+    raw_pct: float  # the same before this calibration (the offsets the model had, usually none)
     ratio: float  # r' whose per-layer ground-truth keep rates the offsets match
     images: int
     offsets: list[float]  # per-layer logit offsets, graph order
@@ -132,6 +132,8 @@ def calibrate(
     """Set per-layer logit offsets on ``model`` so its measured FLOPs reduction (heads included) on
     ``images`` (batches of normalised images, or (images, labels) pairs) is ``target_pct``.
 
+    Offsets are absolute (computed from the logits without any offset), so the result does not depend on
+    offsets the model already has; those only set where the search starts and what ``raw_pct`` measures.
     The model is left in eval mode with the offsets in place; call :func:`clear` to undo them.
     """
     if not isinstance(model, FTWTModel):
@@ -143,7 +145,6 @@ def calibrate(
         raise CalibrationError("calibration needs at least one image")
     counter = FlopsCounter(model.graph)
     model.eval().configure(mask_source="predicted", record=True)
-    clear(model)
     raw = _measure(model, batches, counter, device)
     low, high = 0.0, 1.0  # r' bounds: reduction falls as r' grows
     state, ratio, steps, converged = raw, 1.0, 0, False
@@ -226,8 +227,7 @@ def calibrate_checkpoint(cfg, checkpoint: str, target_pct: float, out: str, show
     if held is None:
         held, split = runtime.dataset(held_cfg, "train"), "train"
     test_loader = make_loader(runtime.dataset(cfg, "test"), cfg.batch_size, workers=cfg.workers)
-    clear(model)
-    raw, _ = validate(model, test_loader, device, target, show=show, label="test (raw heads)")
+    raw, _ = validate(model, test_loader, device, target, show=show, label="test (as given)")
     try:
         result = calibrate(model, make_loader(held, cfg.batch_size, workers=cfg.workers), device, target_pct, show=show)
     except CalibrationError as exc:

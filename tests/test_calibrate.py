@@ -170,3 +170,45 @@ def test_no_calibrate_keeps_the_raw_heads(runs, run_cli, tmp_path):
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["calibration"] is None
     assert "calibration" not in load_checkpoint(tmp_path / "raw" / "best.pt")["meta"]
+
+
+def test_budgeted_runs_calibrate_when_heads_freeze_so_the_backbone_fine_tunes_under_final_masks(runs):
+    root, summary = runs
+    last = load_checkpoint(root / "ftwt" / "last.pt")  # heads as trained: calibrated at the freeze epoch
+    offsets = [v for k, v in last["model"].items() if k.endswith("logit_offset")]
+    assert any(bool(o.abs().max() > 0) for o in offsets)
+    record = summary["calibration"]
+    assert record["calibrated_at_freeze"] is True
+    assert {"test_top1_raw", "test_top1_trained", "test_top1_calibrated", "test_reduction_trained_pct"} <= set(record)
+
+
+def test_observed_masks_are_recorded_but_not_applied(quickstart):
+    model, batches = quickstart
+    model.eval().configure(mask_source="predicted", record=True)
+    clear(model)
+    with torch.no_grad():
+        masked = model(batches[0])
+        model.configure(mask_source="observed")
+        observed = model(batches[0])
+        masks = [r.mask for r in model.records()]
+        model.configure(mask_source="dense")
+        dense = model(batches[0])
+    assert torch.equal(observed, dense) and not torch.equal(masked, dense)
+    assert all(m is not None and m.shape[1] == b.conv.out_channels for m, b in zip(masks, model.blocks))
+
+
+def test_head_warmup_trains_only_the_heads(run_cli, runs, tmp_path):
+    root, _ = runs
+    result = run_cli(
+        "train", "--profile", "smoke", "--init", root / "dense" / "best.pt", "--r", "0.9", "--epochs", "1",
+        "--head-warmup", "1", "--lr", "1e-12", "--out", tmp_path / "w",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    dense = load_checkpoint(root / "dense" / "best.pt")["model"]
+    warm = load_checkpoint(tmp_path / "w" / "last.pt")["model"]
+    conv = next(k for k in dense if k.endswith("weight") and dense[k].dim() == 4)
+    gated = "backbone." + conv.removesuffix(".weight") + ".conv.weight"  # the conv inside its GatedBlock
+    torch.testing.assert_close(warm[gated], dense[conv], atol=1e-6, rtol=0)  # lr ≈ 0: the backbone did not move
+    assert json.loads((tmp_path / "w" / "config.json").read_text())["config"]["head_warmup"] == 1
+    bad = run_cli("train", "--profile", "smoke", "--init", root / "dense" / "best.pt", "--head-warmup", "-1", "--out", tmp_path / "b")
+    assert bad.exit_code == 2 and "--head-warmup" in bad.stderr

@@ -65,6 +65,10 @@ def train_command(
         Optional[bool],
         typer.Option("--head-norm/--no-head-norm", help="Standardise the pooled head input per channel (folded at inference)."),
     ] = None,
+    head_warmup: Annotated[
+        Optional[int],
+        typer.Option("--head-warmup", help="Epochs of head-only training on the frozen backbone before masks apply (default 0)."),
+    ] = None,
     calibrate: Annotated[
         Optional[bool],
         typer.Option(
@@ -96,7 +100,7 @@ def train_command(
         fixed = _given(
             dense=dense, init=init, r=r, target_flops=target_flops, mode=mode, lr=lr, milestones=milestones,
             head_lr=head_lr, freeze_heads_after=freeze_heads_after, head_init=head_init, head_softmax=head_softmax,
-            head_pool=head_pool, head_norm=head_norm, calibrate=calibrate, val_fraction=val_fraction, out=out, profile=profile, model=model, data=data, samples=samples, batch_size=batch_size, seed=seed,
+            head_pool=head_pool, head_norm=head_norm, calibrate=calibrate, val_fraction=val_fraction, head_warmup=head_warmup, out=out, profile=profile, model=model, data=data, samples=samples, batch_size=batch_size, seed=seed,
         )  # fmt: skip
         if fixed:
             raise BadInput(f"--resume continues a run as it was configured; drop {', '.join(fixed)}")
@@ -117,6 +121,7 @@ def train_command(
             data_root=data_root, download=download, workers=workers, r=r, mode=mode, head_lr=head_lr,
             freeze_heads_after=freeze_heads_after, head_init=head_init, head_softmax=head_softmax,
             head_pool=head_pool, head_norm=head_norm, calibrate=calibrate, val_fraction=val_fraction,
+            head_warmup=head_warmup,
             **{
                 f"{prefix}epochs": epochs,
                 f"{prefix}lr": lr,
@@ -146,6 +151,7 @@ def train_command(
     if summary.calibration is not None:
         c = summary.calibration
         table.add_row("best.pt, raw heads (test)", f"{c['test_reduction_raw_pct']:.2f}% FLOPs ↓, top-1 {c['test_top1_raw']:.2f}%")
+        table.add_row("best.pt, as trained (test)", f"{c['test_reduction_trained_pct']:.2f}% FLOPs ↓, top-1 {c['test_top1_trained']:.2f}%")
         table.add_row(
             f"best.pt, calibrated to {c['target_pct']:g}% (test)",
             f"{c['test_reduction_calibrated_pct']:.2f}% FLOPs ↓, top-1 {c['test_top1_calibrated']:.2f}%",
