@@ -445,6 +445,7 @@ class Run:
         cfg = spec.config
         self.start_epoch, self.best_top1, self.history, self.layer_history = 0, -math.inf, [], []
         self.calibration: dict | None = None
+        self.best_epoch: int | None = None
         seed_epoch(cfg.seed, -1, 0)  # model initialisation (identical on every rank)
         if resume:
             loaded = runtime.load_model(cfg, str(run_dir / LAST_FILE), require="dense" if spec.dense else "ftwt")
@@ -553,6 +554,7 @@ class Run:
         for name, sched in self.schedulers.items():
             sched.load_state_dict(state["schedulers"][name])
         self.start_epoch = int(state["epoch"])
+        self.best_epoch = state.get("best_epoch")
         self.best_top1 = float(state["best_top1"])
         self.history = list(state["history"])
         self.layer_history = list(state.get("layer_history", []))
@@ -561,6 +563,7 @@ class Run:
         return {
             "epoch": epoch,
             "best_top1": self.best_top1,
+            "best_epoch": self.best_epoch,
             "history": self.history,
             "layer_history": self.layer_history,
             "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
@@ -646,10 +649,13 @@ class Run:
                 scheduler.step()
             row |= self._validate(epoch + 1)
             self.history.append(row)
-            # best.pt is chosen on held-out training images when there are some, never on the test split then
+            # best.pt is chosen on held-out training images when there are some, never on the test split then;
+            # a budgeted run delivers only epochs trained under its calibrated (on-budget) masks
             score = row.get("val_top1", row["test_top1"])
-            improved = score > self.best_top1
-            self.best_top1 = max(self.best_top1, score)
+            eligible = not (budgeted and spec.freeze_epoch < spec.epochs and epoch < spec.freeze_epoch)
+            improved = eligible and score > self.best_top1
+            self.best_top1 = max(self.best_top1, score) if eligible else self.best_top1
+            self.best_epoch = epoch + 1 if improved else self.best_epoch
             self._save(epoch + 1, row, improved)
             self.log(epoch_line(row, self.spec.target_flops))
         if budgeted:
@@ -725,6 +731,7 @@ class Run:
             **result.to_meta(),
             "split": "val" if self.val_loader is not None else "train",
             "calibrated_at_freeze": self.spec.freeze_epoch < self.spec.epochs,
+            "best_epoch": self.best_epoch,
             "test_top1_raw": raw.test_top1,
             "test_top1_trained": trained.test_top1,
             "test_top1_calibrated": tuned.test_top1,

@@ -179,6 +179,7 @@ def test_budgeted_runs_calibrate_when_heads_freeze_so_the_backbone_fine_tunes_un
     assert any(bool(o.abs().max() > 0) for o in offsets)
     record = summary["calibration"]
     assert record["calibrated_at_freeze"] is True
+    assert record["best_epoch"] == 2  # smoke: 2 epochs, heads freeze at epoch 2; earlier epochs are off budget
     assert {"test_top1_raw", "test_top1_trained", "test_top1_calibrated", "test_reduction_trained_pct"} <= set(record)
 
 
