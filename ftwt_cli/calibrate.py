@@ -49,7 +49,7 @@ class Calibration:
 
     target_pct: float  # FLOPs reduction asked for (heads included)
     reached_pct: float  # measured on the calibration images after calibration (heads included)
-    raw_pct: float  # the same before calibration
+    raw_pct: float  # the same before this calibration (the offsets the model had, usually none)
     ratio: float  # r' whose per-layer ground-truth keep rates the offsets match
     images: int
     offsets: list[float]  # per-layer logit offsets, graph order
@@ -132,6 +132,8 @@ def calibrate(
     """Set per-layer logit offsets on ``model`` so its measured FLOPs reduction (heads included) on
     ``images`` (batches of normalised images, or (images, labels) pairs) is ``target_pct``.
 
+    Offsets are absolute (computed from the logits without any offset), so the result does not depend on
+    offsets the model already has; those only set where the search starts and what ``raw_pct`` measures.
     The model is left in eval mode with the offsets in place; call :func:`clear` to undo them.
     """
     if not isinstance(model, FTWTModel):
@@ -143,7 +145,6 @@ def calibrate(
         raise CalibrationError("calibration needs at least one image")
     counter = FlopsCounter(model.graph)
     model.eval().configure(mask_source="predicted", record=True)
-    clear(model)
     raw = _measure(model, batches, counter, device)
     low, high = 0.0, 1.0  # r' bounds: reduction falls as r' grows
     state, ratio, steps, converged = raw, 1.0, 0, False
@@ -183,3 +184,64 @@ def clear(model: FTWTModel) -> None:
 
 def is_calibrated(model: FTWTModel) -> bool:
     return any(bool(b.head.logit_offset.abs().max() > 0) for b in model.blocks)
+
+
+@dataclass
+class CalibratedCheckpoint:
+    """``ftwt calibrate``'s result: the calibration and the test split before and after it."""
+
+    path: str
+    calibration: Calibration
+    split: str  # where the thresholds were chosen: "val" (held out by the run) or "train"
+    test_top1_raw: float
+    test_top1_calibrated: float
+    test_reduction_raw_pct: float
+    test_reduction_calibrated_pct: float
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "calibration": self.calibration.to_meta()}
+
+
+def calibrate_checkpoint(cfg, checkpoint: str, target_pct: float, out: str, show: Callable = progress_bar) -> CalibratedCheckpoint:
+    """Calibrate an FTWT checkpoint to ``target_pct`` on the training images its run held out (the same
+    seeded split, from the checkpoint's record) and save it to ``out``; the test split is only reported."""
+    from ftwt_cli import checkpoint as ckpt
+    from ftwt_cli import runtime
+    from ftwt_cli.config import resolve_device
+    from ftwt_cli.data import make_loader
+    from ftwt_cli.errors import BadInput
+    from ftwt_cli.gating import make_target
+    from ftwt_cli.train import validate
+
+    if not 0.0 < target_pct < 100.0:
+        raise BadInput(f"--target-flops is a percent of FLOPs to remove and must be in (0, 100), got {target_pct:g}")
+    loaded = runtime.load_model(cfg, checkpoint, require="ftwt")
+    meta = loaded.meta
+    device = resolve_device(cfg.device)
+    model = loaded.model.to(device)
+    target = make_target(meta.get("target", "mass"), float(meta["r"]))
+    model.configure(mask_source="predicted", record=True, target=target)
+    held_cfg = cfg.override(**{k: meta[k] for k in ("samples", "val_fraction", "seed") if k in meta})
+    held = runtime.training_splits(held_cfg, augment=False)[1]
+    split = "val"
+    if held is None:
+        held, split = runtime.dataset(held_cfg, "train"), "train"
+    test_loader = make_loader(runtime.dataset(cfg, "test"), cfg.batch_size, workers=cfg.workers)
+    raw, _ = validate(model, test_loader, device, target, show=show, label="test (as given)")
+    try:
+        result = calibrate(model, make_loader(held, cfg.batch_size, workers=cfg.workers), device, target_pct, show=show)
+    except CalibrationError as exc:
+        raise BadInput(str(exc)) from None
+    tuned, _ = validate(model, test_loader, device, target, show=show, label="test (calibrated)")
+    record = CalibratedCheckpoint(
+        path=str(out),
+        calibration=result,
+        split=split,
+        test_top1_raw=raw.test_top1,
+        test_top1_calibrated=tuned.test_top1,
+        test_reduction_raw_pct=raw.flops_reduction_with_heads_pct,
+        test_reduction_calibrated_pct=tuned.flops_reduction_with_heads_pct,
+    )
+    calibration_meta = {**result.to_meta(), "split": split, **{k: v for k, v in asdict(record).items() if k.startswith("test_")}}
+    ckpt.save_checkpoint(out, model, {**meta, "calibration": calibration_meta})
+    return record

@@ -67,6 +67,7 @@ class Config:
     mode: str = "decoupled"
     freeze_heads_after: float = 0.5
     head_init: str = "random"
+    head_warmup: int = 0  # epochs of head-only training on the frozen backbone before any mask is applied
     calibrate: bool = True  # with --target-flops: per-layer head thresholds hit the budget after training
 
     def to_dict(self) -> dict[str, Any]:
@@ -142,6 +143,8 @@ def validate(c: Config) -> None:
         raise BadInput(f"--freeze-heads-after must be in [0, 1], got {c.freeze_heads_after}")
     if not (0.0 <= c.val_fraction < 1.0):
         raise BadInput(f"--val-fraction must be in [0, 1), got {c.val_fraction:g}")
+    if c.head_warmup < 0:
+        raise BadInput(f"--head-warmup must be 0 or more epochs, got {c.head_warmup}")
     if c.head_pool not in ("max", "avg"):
         raise BadInput(f"--head-pool must be max or avg, got {c.head_pool!r}")
     if c.head_init not in ("random", "ones"):

@@ -266,8 +266,9 @@ class BlockRecord:
 
 
 #: How a gated block decides its mask. ``dense``: none (the plain backbone); ``predicted``: the head's
-#: binary mask (training and inference); ``target``: the ground truth itself (cascaded estimates).
-MASK_SOURCES = ("dense", "predicted", "target")
+#: binary mask (training and inference); ``target``: the ground truth itself (cascaded estimates);
+#: ``observed``: the heads predict and their masks are recorded, but nothing is applied (head warm-up).
+MASK_SOURCES = ("dense", "predicted", "target", "observed")
 
 
 class GatedBlock(nn.Module):
@@ -317,7 +318,7 @@ class GatedBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         source = self.mask_source
         logits = None
-        if source == "predicted":
+        if source in ("predicted", "observed"):
             logits = self.head(x.detach() if self.detach_head_input else x)
         y = self.bn(self.conv(x))
         response = self.response(y) if (self.record or source == "target") else None
@@ -334,7 +335,7 @@ class GatedBlock(nn.Module):
                 mask = binarize_top_count(logits, self.keep_count, straight_through)
         if self.record:
             self.last = BlockRecord(logits=logits, response=response, mask=mask)
-        return y if mask is None else y * mask[:, :, None, None]
+        return y if mask is None or source == "observed" else y * mask[:, :, None, None]
 
 
 class FTWTModel(nn.Module):

@@ -98,7 +98,18 @@ def dense_meta(cfg: Config, classes: int) -> dict:
 
 
 def ftwt_meta(cfg: Config, classes: int, r: float) -> dict:
-    return {**dense_meta(cfg, classes), "kind": "ftwt", "r": r, "target": cfg.target, **head_spec(cfg).to_meta(), "mode": cfg.mode}
+    return {
+        **dense_meta(cfg, classes),
+        "kind": "ftwt",
+        "r": r,
+        "target": cfg.target,
+        **head_spec(cfg).to_meta(),
+        "mode": cfg.mode,
+        # which training images the run held out (ftwt calibrate reuses them)
+        "samples": cfg.samples,
+        "val_fraction": cfg.val_fraction,
+        "seed": cfg.seed,
+    }
 
 
 def head_spec(cfg: Config) -> HeadSpec:

@@ -16,6 +16,7 @@ run bit for bit on CPU, for any number of processes and DataLoader workers.
 from __future__ import annotations
 
 import contextlib
+import functools
 import datetime
 import itertools
 import json
@@ -44,6 +45,7 @@ from ftwt_cli.errors import BadInput
 from ftwt_cli.estimate import UnreachableTarget, find_ratio
 from ftwt_cli.flops import FlopsCounter
 from ftwt_cli.calibrate import Calibration, CalibrationError, calibrate
+from ftwt_cli.calibrate import clear as clear_offsets
 from ftwt_cli.gating import FTWTModel, Target, head_loss, make_target, truth_masks
 from ftwt_cli.metrics import MaskStats
 
@@ -459,6 +461,7 @@ class Run:
         cfg = spec.config
         self.start_epoch, self.best_top1, self.history, self.layer_history = 0, -math.inf, [], []
         self.calibration: dict | None = None
+        self.best_epoch: int | None = None
         seed_epoch(cfg.seed, -1, 0)  # model initialisation (identical on every rank)
         if resume:
             kind = "static" if spec.static is not None else "dense" if spec.dense else "ftwt"
@@ -494,6 +497,9 @@ class Run:
         elif not spec.dense and cfg.head_init == "ones":
             steps = warm_up_heads(self.model, self.train_loader, device, cfg.head_lr, cfg.momentum)
             self.log(f"head warm-up: {steps} head-only steps until every channel is kept")
+        if not resume and not spec.dense and cfg.head_warmup > 0:
+            seed_epoch(cfg.seed, -2, dist.rank)
+            self._warm_up_on_targets(cfg.head_warmup)
         self.net = (
             DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
             if dist.enabled
@@ -501,6 +507,28 @@ class Run:
         )
 
     # -- setup -------------------------------------------------------------------------------------
+
+    def _warm_up_on_targets(self, epochs: int) -> None:
+        """--head-warmup: train the heads towards their targets on the frozen backbone (eval mode, no mask
+        applied) before training starts, so the backbone never fine-tunes under an untrained head's masks."""
+        model, cfg = self.model, self.spec.config
+        optimizer = torch.optim.SGD(model.head_parameters(), lr=cfg.head_lr, momentum=cfg.momentum)
+        model.eval().configure(mask_source="observed")
+        for head in model.heads():
+            head.train()  # a head's own norm learns its statistics
+        for epoch in range(epochs):
+            with self.show(f"head warm-up {epoch + 1}/{epochs}", len(self.train_loader)) as advance:
+                for images, _ in self.train_loader:
+                    model(images.to(self.device, non_blocking=True))
+                    records = model.records()
+                    loss = head_loss(records, truth_masks(records, self.target))
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    advance(info=f"head loss {loss.item():.3f}")
+        model.configure(mask_source="predicted")
+        for p in model.parameters():
+            p.grad = None
 
     def _search_ratio(self) -> dict:
         """--target-flops: rank 0 searches r on the training split; every rank gets its record (or its error)."""
@@ -549,6 +577,7 @@ class Run:
         for name, sched in self.schedulers.items():
             sched.load_state_dict(state["schedulers"][name])
         self.start_epoch = int(state["epoch"])
+        self.best_epoch = state.get("best_epoch")
         self.best_top1 = float(state["best_top1"])
         self.history = list(state["history"])
         self.layer_history = list(state.get("layer_history", []))
@@ -557,6 +586,7 @@ class Run:
         return {
             "epoch": epoch,
             "best_top1": self.best_top1,
+            "best_epoch": self.best_epoch,
             "history": self.history,
             "layer_history": self.layer_history,
             "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
@@ -602,6 +632,9 @@ class Run:
         objective = Objective(self.target, head_weight=0.0 if heads_frozen else 1.0)
         stepping = [opt for name, opt in self.optimizers.items() if not (name == "heads" and heads_frozen)]
         self.net.train()
+        if heads_frozen:
+            for head in self.model.heads():
+                head.eval()  # frozen heads keep their norm statistics, so their calibrated thresholds hold
         stats = mask_stats(self.model, track_masks=False)
         task_sum = head_sum = 0.0
         correct = seen = 0
@@ -628,20 +661,29 @@ class Run:
 
     def fit(self) -> Summary:
         spec = self.spec
+        budgeted = not spec.dense and spec.target_flops is not None and spec.config.calibrate
         for epoch in range(self.start_epoch, spec.epochs):
+            if budgeted and epoch == spec.freeze_epoch:
+                # The heads stop learning here: set their thresholds to the budget now, so the backbone
+                # fine-tunes under the masks it will be delivered with (calibrating only at the end would
+                # change the masks of a backbone that never saw them).
+                self._calibrate(f"epoch {epoch + 1}, heads frozen")
             row = self.train_epoch(epoch)
             self.dist.sync_buffers(self.model)
             for scheduler in self.schedulers.values():
                 scheduler.step()
             row |= self._validate(epoch + 1)
             self.history.append(row)
-            # best.pt is chosen on held-out training images when there are some, never on the test split then
+            # best.pt is chosen on held-out training images when there are some, never on the test split then;
+            # a budgeted run delivers only epochs trained under its calibrated (on-budget) masks
             score = row.get("val_top1", row["test_top1"])
-            improved = score > self.best_top1
-            self.best_top1 = max(self.best_top1, score)
+            eligible = not (budgeted and spec.freeze_epoch < spec.epochs and epoch < spec.freeze_epoch)
+            improved = eligible and score > self.best_top1
+            self.best_top1 = max(self.best_top1, score) if eligible else self.best_top1
+            self.best_epoch = epoch + 1 if improved else self.best_epoch
             self._save(epoch + 1, row, improved)
             self.log(epoch_line(row, self.spec.target_flops))
-        if not spec.dense and spec.target_flops is not None and spec.config.calibrate:
+        if budgeted:
             self.calibration = self._calibrate_best()
         last = self.history[-1] if self.history else {}
         return Summary(
@@ -673,18 +715,9 @@ class Run:
         self.layer_history += layer_rows(epoch, "test", stats)
         return row
 
-    def _calibrate_best(self) -> dict:
-        """--target-flops: calibrate best.pt's heads to the budget on held-out training images, report the
-        test split before and after, and save the calibrated best.pt (last.pt keeps the raw heads)."""
+    def _calibrate(self, when: str) -> Calibration:
+        """Calibrate the heads to --target-flops on the held-out training images (never the test split)."""
         cfg = self.spec.config
-        if self.dist.is_main and self.run_dir is not None:
-            state = ckpt.load_checkpoint(self.run_dir / BEST_FILE)["model"]
-            ckpt.load_weights(self.model, state, self.run_dir / BEST_FILE, "best.pt")
-        self.dist.sync_buffers(self.model)
-        for p in self.model.parameters():  # every rank needs best.pt's weights: broadcast them too
-            if self.dist.enabled:
-                torch_dist.broadcast(p.data, src=0)
-        raw, _ = validate(self.model, self.test_loader, self.device, self.target, self.dist, self.show, "test (raw heads)")
         images = self.val_loader
         if images is None:
             self.log("[yellow]warning:[/yellow] --val-fraction 0: calibrating on training images (none are held out)")
@@ -693,25 +726,54 @@ class Run:
             result = calibrate(self.model, images, self.device, self.spec.target_flops, show=self.show)
         except CalibrationError as exc:
             raise BadInput(str(exc)) from None
-        tuned, stats = validate(self.model, self.test_loader, self.device, self.target, self.dist, self.show, "test (calibrated)")
+        self.dist.sync_buffers(self.model)  # every rank applies rank 0's offsets
+        self.log(
+            f"calibrated ({when}) to {result.target_pct:g}% on {result.images} held-out images: "
+            f"{result.raw_pct:.2f}% → {result.reached_pct:.2f}% FLOPs ↓ (per-layer keep rates of r' = {result.ratio:.4f})"
+        )
+        return result
+
+    def _calibrate_best(self) -> dict:
+        """--target-flops: recalibrate best.pt's heads to the budget on held-out training images, report the
+        test split for the raw heads (no offsets), as trained, and calibrated, and save the calibrated
+        best.pt (last.pt keeps the heads as trained)."""
+        if self.dist.is_main and self.run_dir is not None:
+            state = ckpt.load_checkpoint(self.run_dir / BEST_FILE)["model"]
+            ckpt.load_weights(self.model, state, self.run_dir / BEST_FILE, "best.pt")
+        for tensor in [*self.model.parameters(), *self.model.buffers()]:  # every rank needs best.pt
+            if self.dist.enabled:
+                torch_dist.broadcast(tensor.data, src=0)
+        test = functools.partial(validate, self.model, self.test_loader, self.device, self.target, self.dist, self.show)
+        trained_offsets = [head.logit_offset.clone() for head in self.model.heads()]
+        clear_offsets(self.model)
+        raw, raw_stats = test(label="test (raw heads)")
+        for head, offset in zip(self.model.heads(), trained_offsets):
+            head.logit_offset.copy_(offset)
+        trained, _ = test(label="test (as trained)")
+        result = self._calibrate("best.pt")
+        tuned, stats = test(label="test (calibrated)")
         record = {
             **result.to_meta(),
             "split": "val" if self.val_loader is not None else "train",
+            "calibrated_at_freeze": self.spec.freeze_epoch < self.spec.epochs,
+            "best_epoch": self.best_epoch,
             "test_top1_raw": raw.test_top1,
+            "test_top1_trained": trained.test_top1,
             "test_top1_calibrated": tuned.test_top1,
             "test_reduction_raw_pct": raw.flops_reduction_with_heads_pct,
+            "test_reduction_trained_pct": trained.flops_reduction_with_heads_pct,
             "test_reduction_calibrated_pct": tuned.flops_reduction_with_heads_pct,
         }
-        self.layer_history += layer_rows(self.spec.epochs, "test-calibrated", stats)
+        self.layer_history += layer_rows(self.spec.epochs, "best-raw", raw_stats) + layer_rows(self.spec.epochs, "best-calibrated", stats)
         if self.dist.is_main and self.run_dir is not None:
             meta = {**self.meta, "epoch": self.spec.epochs, "test_top1": tuned.test_top1, "calibration": record}
             ckpt.save_checkpoint(self.run_dir / BEST_FILE, self.model, meta)
             text = pd.DataFrame(self.layer_history).to_csv(index=False).encode()
             ckpt.atomic_write_bytes(self.run_dir / LAYERS_FILE, lambda f: f.write(text))
         self.log(
-            f"calibrated to {result.target_pct:g}% on {result.images} held-out images (r' = {result.ratio:.4f}): "
-            f"test FLOPs ↓ {raw.flops_reduction_with_heads_pct:.2f}% → {tuned.flops_reduction_with_heads_pct:.2f}%, "
-            f"top-1 {raw.test_top1:.2f}% → {tuned.test_top1:.2f}%"
+            f"best.pt on the test split: raw heads {raw.flops_reduction_with_heads_pct:.2f}% FLOPs ↓ / top-1 {raw.test_top1:.2f}%, "
+            f"as trained {trained.flops_reduction_with_heads_pct:.2f}% / {trained.test_top1:.2f}%, "
+            f"calibrated {tuned.flops_reduction_with_heads_pct:.2f}% / {tuned.test_top1:.2f}%"
         )
         return record
 

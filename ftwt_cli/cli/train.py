@@ -66,6 +66,21 @@ def train_command(
         Optional[bool],
         typer.Option("--head-norm/--no-head-norm", help="Standardise the pooled head input per channel (folded at inference)."),
     ] = None,
+    head_warmup: Annotated[
+        Optional[int],
+        typer.Option("--head-warmup", help="Epochs of head-only training on the frozen backbone before masks apply (default 0)."),
+    ] = None,
+    calibrate: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--calibrate/--no-calibrate",
+            help="With --target-flops: set per-layer head thresholds on held-out training images so best.pt hits the budget.",
+        ),
+    ] = None,
+    val_fraction: Annotated[
+        Optional[float],
+        typer.Option("--val-fraction", help="Training images held out (seeded) to choose best.pt and calibrate (default 0.1)."),
+    ] = None,
     static: Annotated[
         Optional[str], typer.Option("--static", help="Static baseline instead of FTWT: uniform (L1) | taylor; needs --target-flops.")
     ] = None,
@@ -97,7 +112,7 @@ def train_command(
         fixed = _given(
             dense=dense, init=init, r=r, target_flops=target_flops, mode=mode, lr=lr, milestones=milestones,
             head_lr=head_lr, freeze_heads_after=freeze_heads_after, head_init=head_init, head_softmax=head_softmax,
-            head_pool=head_pool, head_norm=head_norm, out=out, profile=profile, model=model, data=data, samples=samples, batch_size=batch_size, seed=seed,
+            head_pool=head_pool, head_norm=head_norm, calibrate=calibrate, val_fraction=val_fraction, head_warmup=head_warmup, out=out, profile=profile, model=model, data=data, samples=samples, batch_size=batch_size, seed=seed,
             static=static, signature=signature, static_signature=static_signature, gt=gt,
         )  # fmt: skip
         if fixed:
@@ -113,7 +128,8 @@ def train_command(
             raise BadInput(f"--dense trains the plain backbone; {', '.join(clash)} apply to FTWT training")
         _check_baseline_options(static, signature, static_signature, gt, target_flops, r=r, mode=mode, head_lr=head_lr,
                                 freeze_heads_after=freeze_heads_after, head_init=head_init, head_softmax=head_softmax,
-                                head_pool=head_pool, head_norm=head_norm)  # fmt: skip
+                                head_pool=head_pool, head_norm=head_norm, head_warmup=head_warmup,
+                                calibrate=calibrate)  # fmt: skip
         prefix = "dense_" if dense else ""
         cfg = resolve_config(
             profile or DEFAULT_PROFILE,
@@ -121,7 +137,8 @@ def train_command(
             model=model, data=data, samples=samples, batch_size=batch_size, device=device, seed=seed,
             data_root=data_root, download=download, workers=workers, r=r, mode=mode, head_lr=head_lr,
             freeze_heads_after=freeze_heads_after, head_init=head_init, head_softmax=head_softmax,
-            head_pool=head_pool, head_norm=head_norm,
+            head_pool=head_pool, head_norm=head_norm, calibrate=calibrate, val_fraction=val_fraction,
+            head_warmup=head_warmup,
             target="topk" if (signature and not static_signature) else gt,
             **{
                 f"{prefix}epochs": epochs,
@@ -154,7 +171,7 @@ def train_command(
     table.add_row("epochs", str(summary.epochs))
     if summary.r is not None:
         table.add_row("r", f"{summary.r:.4g}")
-    table.add_row("best test top-1", f"{summary.best_top1:.2f}%")
+    table.add_row(f"best {summary.selected_on} top-1", f"{summary.best_top1:.2f}%")
     table.add_row("final test top-1", f"{summary.test_top1:.2f}%")
     if summary.flops_reduction_pct is not None:
         table.add_row("FLOPs reduction (measured)", f"{summary.flops_reduction_pct:.2f}%")
@@ -162,6 +179,15 @@ def train_command(
             table.add_row("  with heads", f"{summary.flops_reduction_with_heads_pct:.2f}%")
     if summary.estimate is not None:
         table.add_row("FLOPs reduction (estimated)", f"{summary.estimate['estimated_reduction_pct']:.2f}%")
+    if summary.calibration is not None:
+        c = summary.calibration
+        table.add_row("best.pt, raw heads (test)", f"{c['test_reduction_raw_pct']:.2f}% FLOPs ↓, top-1 {c['test_top1_raw']:.2f}%")
+        table.add_row("best.pt, as trained (test)", f"{c['test_reduction_trained_pct']:.2f}% FLOPs ↓, top-1 {c['test_top1_trained']:.2f}%")
+        table.add_row(
+            f"best.pt, calibrated to {c['target_pct']:g}% (test)",
+            f"{c['test_reduction_calibrated_pct']:.2f}% FLOPs ↓, top-1 {c['test_top1_calibrated']:.2f}%",
+        )
+    table.add_row("best.pt chosen on", "held-out training images (val)" if summary.selected_on == "val" else "test split")
     console.print(table)
     if json_out:
         emit_json(summary.to_dict())
