@@ -133,8 +133,8 @@ def main() -> None:
             console.print(f"[bold]{method}[/bold]: {epochs} epochs → {run_dir}")
             train_summaries[method] = ftwt(
                 "train", *common, *method_args(method, args.target_flops), "--init", str(dense_ckpt),
-                "--epochs", str(epochs), "--milestones", str(max(1, epochs * 3 // 4)), "--samples", str(args.samples),
-                "--out", str(run_dir),
+                "--epochs", str(epochs), "--milestones", str(max(1, epochs * 3 // 4)),
+                *(["--samples", str(args.samples)] if args.samples else []), "--out", str(run_dir),
             )  # fmt: skip
         checkpoints[method] = run_dir / "best.pt"
 

@@ -277,7 +277,7 @@ def taylor(
     }
     importance = tp.importance.TaylorImportance()
     history: list = []
-    reduction, steps = 0.0, 0
+    reduction, steps, stalled = 0.0, 0, False
     while reduction < target_pct - TOLERANCE and steps < TAYLOR_MAX_STEPS:
         before = (copy.deepcopy(model), len(history), reduction)
         names = {m: n for n, m in model.named_modules()}
@@ -295,6 +295,7 @@ def taylor(
             for rank, index in enumerate(scores.argsort(stable=True)[:removable].tolist()):
                 candidates.append((float(scores[index]), rank, names[root], index))
         if not candidates:
+            stalled = True  # every layer is at its floor
             break
         # Removing a fraction c of all filters removes at most about 2c of the MACs (inputs and outputs).
         total = sum(m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d))
@@ -314,7 +315,7 @@ def taylor(
             model, history, reduction = before[0], history[: before[1]], before[2]
             steps -= 1
             break
-    if reduction < target_pct - 2 * TOLERANCE:
+    if (stalled or steps == TAYLOR_MAX_STEPS) and reduction < target_pct - 2 * TOLERANCE:
         raise BadInput(
             f"static Taylor pruning stopped at {reduction:.1f}% FLOPs reduction (target {target_pct:g}%); "
             "lower --target-flops"
