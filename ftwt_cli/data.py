@@ -159,16 +159,29 @@ def build_dataset(
             hint = "" if download else "; pass --download to fetch it"
             raise BadInput(f"{spec.kind} not found under {root} ({exc}){hint}") from None
     folder = _split_dir(spec, split)
-    dataset = datasets.ImageFolder(str(folder), transform=transform, loader=_decode_image)
+    if split != "train":  # labels are class-folder indices: both splits need the same class folders
+        train_classes, classes = _imagefolder_classes(_split_dir(spec, "train")), _imagefolder_classes(folder)
+        if classes != train_classes:
+            extra = sorted(set(classes) ^ set(train_classes))
+            raise BadInput(
+                f"{folder} and {spec.path / 'train'} have different class folders (e.g. {extra[0]!r}); "
+                "give both the same class subfolders"
+            )
+    try:
+        dataset = datasets.ImageFolder(
+            str(folder), transform=transform, loader=_decode_image, is_valid_file=_is_image_file
+        )
+    except FileNotFoundError as exc:  # a class folder without images
+        raise BadInput(f"{folder}: {exc} (every class subfolder needs images, or remove it)") from None
     if len(dataset) == 0:
-        raise BadInput(f"no images in {folder}")
+        raise BadInput(f"no images in {folder} (expected {folder}/CLASS/IMAGE.png)")
     return dataset
 
 
 def _split_dir(spec: DataSpec, split: str) -> Path:
     root = spec.path
     if root is None or not root.is_dir():
-        raise BadInput(f"data folder not found: {root}")
+        raise BadInput(f"data folder not found: {root} (imagefolder:PATH needs PATH/train/CLASS/*.png and PATH/test/...)")
     names = ["train"] if split == "train" else ["test", "val"]
     for name in names:
         if (root / name).is_dir():
@@ -178,12 +191,19 @@ def _split_dir(spec: DataSpec, split: str) -> Path:
     raise BadInput(f"data folder {root} has no {' or '.join(n + '/' for n in names)} subfolder")
 
 
+def _is_image_file(path: str) -> bool:
+    return Path(path).suffix.lower() in IMAGE_SUFFIXES
+
+
 def _imagefolder_classes(folder: Path) -> list[str]:
-    return sorted(
-        d.name
-        for d in folder.iterdir()
-        if d.is_dir() and any(f.suffix.lower() in IMAGE_SUFFIXES for f in d.iterdir())
-    )
+    try:
+        return sorted(
+            d.name
+            for d in folder.iterdir()
+            if d.is_dir() and any(f.suffix.lower() in IMAGE_SUFFIXES for f in d.iterdir())
+        )
+    except PermissionError as exc:
+        raise BadInput(f"cannot read data folder {exc.filename}: permission denied") from None
 
 
 def _decode_image(path: str):
@@ -193,8 +213,25 @@ def _decode_image(path: str):
         with open(path, "rb") as f:
             image = Image.open(f)
             return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise BadInput(f"cannot decode image {path}: {exc}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        detail = " ".join(str(exc).split())[:150]
+        raise BadInput(f"cannot decode image {path}: {detail} (remove or replace the file)") from None
+
+
+def split_indices(size: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(kept, held out): a seeded random ``fraction`` of ``range(size)`` held out, both sorted.
+
+    The permutation is salted apart from :func:`subset`'s so that a capped subset and the held-out part
+    are not the same images by construction.
+    """
+    held = round(size * fraction)
+    if held < 1 or held >= size:
+        raise BadInput(
+            f"--val-fraction {fraction:g} of {size} training images leaves {held} for validation and {size - held} "
+            "for training; both need at least one"
+        )
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed * 7_919 + 104_729)).tolist()
+    return sorted(order[held:]), sorted(order[:held])
 
 
 def subset(dataset: Dataset, samples: int | None, seed: int = 0) -> Dataset:
