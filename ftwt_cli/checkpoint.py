@@ -31,11 +31,25 @@ FORMAT = "ftwt"
 VERSION = 1
 
 
+def check_writable(path: str | Path, option: str = "output") -> None:
+    """BadInput unless ``path`` can be created: its nearest existing ancestor must be a writable folder."""
+    path = Path(path).expanduser().absolute()
+    ancestor = path if path.exists() else next(p for p in path.parents if p.exists())
+    if ancestor != path and not ancestor.is_dir():
+        raise BadInput(f"cannot write {option} {path}: {ancestor} is a file, not a folder (choose another path)")
+    folder = ancestor if ancestor.is_dir() else ancestor.parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise BadInput(f"cannot write {option} {path}: no permission to write in {folder} (choose another path)")
+
+
 def atomic_write_bytes(path: str | Path, write) -> None:
     """Call ``write(file_object)`` on a temporary file beside ``path``, then rename it into place."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:  # read-only file system, no permission, a file where a folder should be
+        raise BadInput(f"cannot write {path}: {exc.strerror or exc} (choose another path)") from None
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; results should honour the umask
         with os.fdopen(fd, "wb") as f:

@@ -108,6 +108,12 @@ def wrap(backbone: nn.Module, cfg: Config, head_softmax: bool | None = None) -> 
     return FTWTModel(backbone, input_size(cfg), head_softmax=cfg.head_softmax if head_softmax is None else head_softmax)
 
 
+def initial_weights(cfg: Config, given: str | None) -> str | None:
+    """The dense weights an FTWT run starts from: ``--init``, else the profile's checkpoint, else
+    torchvision's pretrained weights when the profile says ``pretrained = true``."""
+    return given or cfg.checkpoint or (TORCHVISION if cfg.pretrained else None)
+
+
 def how_to_get_weights(cfg: Config) -> str:
     return (
         f"pass --checkpoint FILE (an ftwt checkpoint, or {cfg.model}'s weights saved with "

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import random
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -124,6 +125,21 @@ def stop_processes(dist: Distributed) -> None:
         torch_dist.destroy_process_group()
 
 
+def wrap_for_processes(model: nn.Module, dist: Distributed, device: torch.device, sync_bn: bool) -> tuple[nn.Module, nn.Module]:
+    """(model, net): under torchrun ``net`` is the DDP wrapper, and with ``sync_bn`` every BatchNorm of
+    ``model`` becomes a SyncBatchNorm (same parameters and buffers, so optimizers and checkpoints are
+    unchanged) that normalises with the statistics of the whole global batch."""
+    if not dist.enabled:
+        if sync_bn:
+            warnings.warn("--sync-bn has no effect in a single process (run under torchrun)", stacklevel=2)
+        return model, model
+    if sync_bn:
+        if device.type != "cuda":
+            raise BadInput("--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm does not run on CPU); drop --sync-bn")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model, DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
 # ---------------------------------------------------------------------------------------------------
 # What a run does
 
@@ -177,11 +193,19 @@ class RunSpec:
             "init": self.init,
             "target_flops": self.target_flops,
             "estimate": self.estimate,
+            "best_selected_on": self.selected_on,
         }
+
+    @property
+    def selected_on(self) -> str:
+        """The split whose top-1 chooses best.pt."""
+        return "val" if self.config.val_fraction > 0 else "test"
 
     @classmethod
     def from_dict(cls, doc: dict) -> "RunSpec":
-        return cls(Config(**doc["config"]), bool(doc["dense"]), doc.get("init"), doc.get("target_flops"), doc.get("estimate"))
+        config = dict(doc["config"])
+        config.setdefault("train_samples", config.get("samples", 0))  # runs from before train_samples existed
+        return cls(Config(**config), bool(doc["dense"]), doc.get("init"), doc.get("target_flops"), doc.get("estimate"))
 
     def check(self) -> None:
         """One-line BadInput for every inconsistent choice (before anything is loaded or written)."""
@@ -197,7 +221,10 @@ class RunSpec:
                 raise BadInput("--dense trains the plain backbone; --init and --target-flops are for dynamic training")
             return
         if self.init is None:
-            raise BadInput("dynamic training needs --init DENSE_CKPT (train one with 'ftwt train --dense')")
+            raise BadInput(
+                "dynamic training needs --init with dense weights: an ftwt checkpoint or state_dict FILE, or torchvision; "
+                f"train them with 'ftwt train --dense --model {self.config.model}'"
+            )
         if self.target_flops is not None and not (0.0 < self.target_flops < 100.0):
             raise BadInput(f"--target-flops is a percent of FLOPs to remove and must be in (0, 100), got {self.target_flops:g}")
 
@@ -364,6 +391,7 @@ class Summary:
     flops_reduction_with_heads_pct: float | None
     estimate: dict | None = None
     history: list[dict] = field(default_factory=list)
+    selected_on: str = "test"  # the split whose top-1 chose best.pt (best_top1 is on it)
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "history"}
@@ -431,10 +459,10 @@ class Run:
         elif not spec.dense and cfg.head_init == "ones":
             steps = warm_up_heads(self.model, self.train_loader, device, cfg.head_lr, cfg.momentum)
             self.log(f"head warm-up: {steps} head-only steps until every channel is kept")
-        self.net = (
-            DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
-            if dist.enabled
-            else self.model
+        self.model, self.net = wrap_for_processes(self.model, dist, device, cfg.sync_bn)
+        self.log(
+            f"batch size {cfg.batch_size} per process × {dist.world_size} process(es) = {cfg.batch_size * dist.world_size} "
+            f"images per step{' (SyncBatchNorm)' if cfg.sync_bn and dist.enabled else ''}"
         )
 
     # -- setup -------------------------------------------------------------------------------------
@@ -463,7 +491,7 @@ class Run:
 
     def _build_data(self) -> None:
         cfg, dist = self.spec.config, self.dist
-        train_set = runtime.dataset(cfg, "train", augment=True)
+        train_set, val_set = runtime.training_sets(cfg)  # val_set: held out of training to choose best.pt
         test_set = runtime.dataset(cfg, "test")
         self.sampler = (
             DistributedSampler(train_set, dist.world_size, dist.rank, shuffle=True, seed=cfg.seed) if dist.enabled else None
@@ -473,7 +501,10 @@ class Run:
         )
         if dist.enabled:  # a strided shard per rank: every test image is counted exactly once
             test_set = Subset(test_set, range(dist.rank, len(test_set), dist.world_size))
+            if val_set is not None:
+                val_set = Subset(val_set, range(dist.rank, len(val_set), dist.world_size))
         self.test_loader = make_loader(test_set, cfg.batch_size, workers=cfg.workers)
+        self.val_loader = make_loader(val_set, cfg.batch_size, workers=cfg.workers) if val_set is not None else None
 
     def _restore(self, state: dict) -> None:
         for name, opt in self.optimizers.items():
@@ -508,7 +539,9 @@ class Run:
     def _save(self, epoch: int, metrics: dict, improved: bool) -> None:
         if not self.dist.is_main:
             return
-        meta = {**self.meta, "epoch": epoch, "test_top1": metrics["test_top1"]}
+        meta = {**self.meta, "epoch": epoch, "test_top1": metrics["test_top1"], "best_selected_on": self.spec.selected_on}
+        if "val_top1" in metrics:
+            meta["val_top1"] = metrics["val_top1"]
         if improved:
             ckpt.save_checkpoint(self.run_dir / BEST_FILE, self.model, meta)
         ckpt.save_checkpoint(self.run_dir / LAST_FILE, self.model, meta, self.train_state(epoch))
@@ -555,9 +588,12 @@ class Run:
                 scheduler.step()
             metrics = evaluate(self.model, self.test_loader, self.device, self.target, self.dist, self.show)
             row |= {k: v for k, v in asdict(metrics).items() if v is not None}
+            if self.val_loader is not None:
+                row["val_top1"] = evaluate(self.model, self.val_loader, self.device, self.target, self.dist, self.show).test_top1
             self.history.append(row)
-            improved = row["test_top1"] > self.best_top1
-            self.best_top1 = max(self.best_top1, row["test_top1"])
+            chosen_by = row[f"{spec.selected_on}_top1"]  # best.pt: on the held-out split when there is one
+            improved = chosen_by > self.best_top1
+            self.best_top1 = max(self.best_top1, chosen_by)
             self._save(epoch + 1, row, improved)
             self.log(epoch_line(row))
         last = self.history[-1] if self.history else {}
@@ -572,11 +608,14 @@ class Run:
             flops_reduction_with_heads_pct=last.get("flops_reduction_with_heads_pct"),
             estimate=spec.estimate,
             history=list(self.history),
+            selected_on=spec.selected_on,
         )
 
 
 def epoch_line(row: dict) -> str:
     text = f"epoch {row['epoch']}: loss {row['task_loss']:.4f}, train {row['train_top1']:.2f}%, test {row['test_top1']:.2f}%"
+    if "val_top1" in row:
+        text += f", val {row['val_top1']:.2f}%"
     if "head_acc" in row:
         text += f", heads {row['head_acc']:.2f}% right, FLOPs ↓ {row['flops_reduction_pct']:.2f}%"
         text += " (heads frozen)" if row["heads_frozen"] else f", head loss {row['head_loss']:.4f}"
