@@ -20,6 +20,7 @@ from ftwt_cli.errors import BadInput
 CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+LAYOUT = "imagefolder:PATH needs PATH/train/CLASS/IMAGE and PATH/test/CLASS/IMAGE (or val/)"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
 
@@ -181,14 +182,14 @@ def build_dataset(
 def _split_dir(spec: DataSpec, split: str) -> Path:
     root = spec.path
     if root is None or not root.is_dir():
-        raise BadInput(f"data folder not found: {root} (imagefolder:PATH needs PATH/train/CLASS/*.png and PATH/test/...)")
+        raise BadInput(f"data folder not found: {root} ({LAYOUT})")
     names = ["train"] if split == "train" else ["test", "val"]
     for name in names:
         if (root / name).is_dir():
             if not _imagefolder_classes(root / name):
-                raise BadInput(f"data folder {root / name} has no class subfolders with images")
+                raise BadInput(f"data folder {root / name} has no class subfolders with images ({LAYOUT})")
             return root / name
-    raise BadInput(f"data folder {root} has no {' or '.join(n + '/' for n in names)} subfolder")
+    raise BadInput(f"data folder {root} has no {' or '.join(n + '/' for n in names)} subfolder ({LAYOUT})")
 
 
 def _is_image_file(path: str) -> bool:
@@ -213,7 +214,9 @@ def _decode_image(path: str):
         with open(path, "rb") as f:
             image = Image.open(f)
             return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except UnidentifiedImageError:
+        raise BadInput(f"cannot decode image {path}: not an image file PIL can read (remove or replace the file)") from None
+    except (OSError, SyntaxError, ValueError) as exc:
         detail = " ".join(str(exc).split())[:150]
         raise BadInput(f"cannot decode image {path}: {detail} (remove or replace the file)") from None
 

@@ -136,8 +136,14 @@ def wrap_for_processes(model: nn.Module, dist: Distributed, device: torch.device
     if sync_bn:
         if device.type != "cuda":
             raise BadInput("--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm does not run on CPU); drop --sync-bn")
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = sync_batchnorm(model)
     return model, DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def sync_batchnorm(model: nn.Module) -> nn.Module:
+    """Every BatchNorm of ``model`` (inside gated blocks too) as a SyncBatchNorm holding the same
+    parameter and buffer tensors: optimizers built before stay valid, state_dict keys do not change."""
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
 # ---------------------------------------------------------------------------------------------------
