@@ -1,0 +1,68 @@
+"""--val-fraction: a seeded validation split carved from the training images chooses best.pt."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+from torch.utils.data import Subset
+from typer.testing import CliRunner
+
+from ftwt_cli import runtime
+from ftwt_cli.config import resolve
+from ftwt_cli.data import split_indices
+
+
+def test_split_is_seeded_disjoint_and_complete():
+    kept, held = split_indices(1000, 0.1, seed=3)
+    assert len(held) == 100 and len(kept) == 900
+    assert sorted(kept + held) == list(range(1000))
+    assert split_indices(1000, 0.1, seed=3) == (kept, held)
+    assert split_indices(1000, 0.1, seed=4)[1] != held
+
+
+def _base_indices(ds) -> list[int]:
+    """Indices into the underlying training split of a (nested) Subset."""
+    indices = list(range(len(ds)))
+    while isinstance(ds, Subset):
+        indices = [ds.indices[i] for i in indices]
+        ds = ds.dataset
+    return indices
+
+
+def test_training_sets_hold_out_unaugmented_training_images():
+    cfg = resolve("smoke", val_fraction=0.2, train_samples=0, test_samples=0)
+    train, val = runtime.training_sets(cfg)
+    assert len(val) == 1000 and len(train) == 4000  # of the synthetic set's 5,000 training images
+    assert not set(_base_indices(train)) & set(_base_indices(val))
+    # validation images are plain training images (no crop/flip): identical on every read
+    assert torch.equal(val[0][0], val[0][0])
+    plain = runtime.dataset(cfg, "train", cap=False)
+    assert torch.equal(val[0][0], plain[_base_indices(val)[0]][0])
+    capped_train, capped_val = runtime.training_sets(resolve("smoke", val_fraction=0.2))  # smoke caps 256 / 128
+    assert len(capped_train) == 256 and len(capped_val) == 128
+    assert runtime.training_sets(resolve("smoke"))[1] is None
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.0])
+def test_best_checkpoint_is_chosen_on_the_recorded_split(tmp_path, monkeypatch, fraction):
+    import ftwt_cli.cli.train  # noqa: F401
+    from ftwt_cli.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    args = ["train", "--profile", "smoke", "--dense", "--epochs", "3", "--out", "run", "--json"]
+    result = CliRunner().invoke(app, [*args, "--val-fraction", str(fraction)])
+    assert result.exit_code == 0, result.output
+    split = "val" if fraction else "test"
+    summary = json.loads(result.stdout)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)["meta"]
+    metrics = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    assert summary["selected_on"] == config["best_selected_on"] == best["best_selected_on"] == split
+    assert config["config"]["val_fraction"] == fraction
+    assert ("val_top1" in metrics.columns) == bool(fraction)
+    assert summary["best_top1"] == pytest.approx(metrics[f"{split}_top1"].max())
+    assert best["epoch"] == int(metrics.loc[metrics[f"{split}_top1"].idxmax(), "epoch"])
+    assert f"best {split} top-1" in result.stderr
