@@ -595,7 +595,8 @@ class Run:
             metrics = evaluate(self.model, self.test_loader, self.device, self.target, self.dist, self.show)
             row |= {k: v for k, v in asdict(metrics).items() if v is not None}
             if self.val_loader is not None:
-                row["val_top1"] = evaluate(self.model, self.val_loader, self.device, self.target, self.dist, self.show).test_top1
+                show_val = lambda _description, total: self.show("validation", total)  # noqa: E731
+                row["val_top1"] = evaluate(self.model, self.val_loader, self.device, self.target, self.dist, show_val).test_top1
             self.history.append(row)
             chosen_by = row[f"{spec.selected_on}_top1"]  # best.pt: on the held-out split when there is one
             improved = chosen_by > self.best_top1
