@@ -131,10 +131,10 @@ def load_model(cfg: Config, path: str | None, *, require: str | None = None, war
     """
     if path is None and cfg.pretrained:
         path = TORCHVISION
+    if path is None and require == "ftwt":
+        raise BadInput("this command needs an FTWT checkpoint (--checkpoint from 'ftwt train --r ...')")
+    classes = num_classes(cfg)  # before any download: a missing data folder is the first thing to fix
     if path is None:
-        if require == "ftwt":
-            raise BadInput("this command needs an FTWT checkpoint (--checkpoint from 'ftwt train --r ...')")
-        classes = num_classes(cfg)
         if warn_untrained:
             warnings.warn(
                 f"no checkpoint: running on initialised {cfg.model} weights; estimates mean something only "
@@ -147,7 +147,6 @@ def load_model(cfg: Config, path: str | None, *, require: str | None = None, war
         path = str(pretrained_weights(cfg.model))
     payload = ckpt.load_checkpoint(path, allow_state_dict=require != "ftwt")
     meta = payload["meta"]
-    classes = num_classes(cfg)
     if meta is None:  # plain weights: the dense cfg.model for the data's classes
         model = create_model(cfg.model, classes)
         ckpt.load_weights(model, payload["model"], path, cfg.model)
