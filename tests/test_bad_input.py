@@ -173,6 +173,7 @@ CASES = [
     ("estimate", (*SMOKE, "--data", "imagefolder:{no_classes}"), ("no class subfolders with images",)),
     ("estimate", (*SMOKE, "--data", "imagefolder:{no_split}"), ("no train/ subfolder",)),
     ("estimate", (*SMOKE, "--data", "imagefolder:{corrupt}"), ("cannot decode image", "remove or replace")),
+    ("estimate", (*SMOKE, "--data", "imagefolder:{corrupt}", "--workers", "1"), ("cannot decode image",)),  # in a worker
     ("eval", (*SMOKE, "--checkpoint", "{smallnet2_state}", "--data", "imagefolder:{mismatch}"), ("different class folders",)),
     # outputs
     ("estimate", (*SMOKE, "--csv", "{a_file}/table.csv"), ("cannot write --csv", "is a file")),
