@@ -44,9 +44,9 @@ class Config:
     pretrained: bool = False
     checkpoint: str | None = None
     samples: int = 0  # cap on training images of a planning pass: estimate, search (0: all)
-    train_samples: int = 0  # cap on the training images 'ftwt train' learns from (0: all)
-    test_samples: int = 0  # cap on test (and validation) images evaluated (0: all)
-    val_fraction: float = 0.0  # held out of the training images to choose best.pt (0: the test split chooses)
+    train_samples: int = 0  # cap on the training images 'ftwt train' uses, held-out ones included (0: all)
+    test_samples: int = 0  # cap on test images evaluated (0: all)
+    val_fraction: float = 0.1  # training images held out (seeded): best.pt selection and budget calibration
     sync_bn: bool = False  # SyncBatchNorm across torchrun processes (CUDA only)
     batch_size: int = 128
     workers: int = 0
@@ -57,6 +57,8 @@ class Config:
     r: float = 0.9
     target: str = "mass"
     head_softmax: bool = True
+    head_pool: str = "max"
+    head_norm: bool = False
     # dense baseline recipe
     dense_epochs: int = 200
     dense_lr: float = 0.1
@@ -72,6 +74,7 @@ class Config:
     mode: str = "decoupled"
     freeze_heads_after: float = 0.5
     head_init: str = "random"
+    calibrate: bool = True  # with --target-flops: per-layer head thresholds hit the budget after training
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -187,6 +190,8 @@ def validate(c: Config) -> None:
         raise BadInput(f"--device must be auto, cpu, cuda or cuda:N, got {c.device!r}")
     if not (0.0 <= c.freeze_heads_after <= 1.0):
         raise BadInput(f"--freeze-heads-after must be in [0, 1], got {c.freeze_heads_after}")
+    if c.head_pool not in ("max", "avg"):
+        raise BadInput(f"--head-pool must be max or avg, got {c.head_pool!r}")
     if c.head_init not in ("random", "ones"):
         raise BadInput(f"--head-init must be random or ones, got {c.head_init!r}")
     parse_ratios(c.ratios)

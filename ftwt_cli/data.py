@@ -221,22 +221,6 @@ def _decode_image(path: str):
         raise BadInput(f"cannot decode image {path}: {detail} (remove or replace the file)") from None
 
 
-def split_indices(size: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """(kept, held out): a seeded random ``fraction`` of ``range(size)`` held out, both sorted.
-
-    The permutation is salted apart from :func:`subset`'s so that a capped subset and the held-out part
-    are not the same images by construction.
-    """
-    held = round(size * fraction)
-    if held < 1 or held >= size:
-        raise BadInput(
-            f"--val-fraction {fraction:g} of {size} training images leaves {held} for validation and {size - held} "
-            "for training; both need at least one"
-        )
-    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed * 7_919 + 104_729)).tolist()
-    return sorted(order[held:]), sorted(order[:held])
-
-
 def subset(dataset: Dataset, samples: int | None, seed: int = 0) -> Dataset:
     """A deterministic random subset of ``samples`` items (all of them when samples is None/0)."""
     if not samples or samples >= len(dataset):

@@ -206,12 +206,11 @@ class ConvStep:
         self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
         if conv.padding_mode != "zeros":
             raise NotImplementedError("sparse conv supports zero padding only")
-        # The head, unrolled (DecisionHead: GMP → softmax → linear) into numpy: the ops are tiny.
+        # The head, unrolled (DecisionHead: pool → softmax → folded norm/linear/offset) into numpy: the ops are tiny.
         self.head = None
         if head is not None:
-            w = head.proj.weight.detach().to(torch.float32).numpy().copy()
-            b = head.proj.bias.detach().to(torch.float32).numpy().copy()
-            self.head = (bool(head.softmax), w, b)
+            w, b = (t.to(torch.float32).numpy().copy() for t in head.folded())
+            self.head = (head.pool, bool(head.softmax), w, b)
         self.in_shape = tuple(in_shape)
         self.out_hw = tuple(out_hw)
         self.gather_cost = GATHER_COST_MACS / (out_hw[0] * out_hw[1])  # per weight float, relative to its MACs
@@ -233,10 +232,11 @@ class ConvStep:
     def output_mask(self, x: Compact) -> np.ndarray | None:
         if self.head is None:
             return None
-        softmax, w, b = self.head
+        pool, softmax, w, b = self.head
         pooled = np.zeros(x.width, dtype=np.float32)
-        if x.idx.size:
-            pooled[x.idx] = x.values.amax(dim=(2, 3)).numpy()[0]  # GMP of a missing channel is 0
+        if x.idx.size:  # the pool of a missing (all-zero) channel is 0
+            values = x.values.amax(dim=(2, 3)) if pool == "max" else x.values.mean(dim=(2, 3))
+            pooled[x.idx] = values.numpy()[0]
         if softmax:
             pooled = np.exp(pooled - pooled.max())
             pooled /= pooled.sum()

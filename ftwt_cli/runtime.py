@@ -13,9 +13,9 @@ from torch.utils.data import Dataset, Subset
 
 from ftwt_cli import checkpoint as ckpt
 from ftwt_cli.config import Config
-from ftwt_cli.data import DataSpec, build_dataset, num_classes_of, parse_data, split_indices, subset
+from ftwt_cli.data import DataSpec, build_dataset, num_classes_of, parse_data, subset
 from ftwt_cli.errors import BadInput
-from ftwt_cli.gating import FTWTModel
+from ftwt_cli.gating import FTWTModel, HeadSpec
 from ftwt_cli.models import REGISTRY, create_model, input_size_for, is_user_model
 
 
@@ -71,19 +71,25 @@ def dataset(
     return subset(ds, limit if cap else 0, seed=cfg.seed)
 
 
-def training_sets(cfg: Config) -> tuple[Dataset, Dataset | None]:
-    """(images to train on, validation images or None): with ``val_fraction`` > 0 a seeded share of the
-    training split is held out, without augmentation; ``train_samples`` caps the rest, ``test_samples``
-    the held-out part."""
-    train_aug = dataset(cfg, "train", augment=True, cap=False)
-    if cfg.val_fraction <= 0:
-        return subset(train_aug, cfg.train_samples, seed=cfg.seed), None
-    train_idx, val_idx = split_indices(len(train_aug), cfg.val_fraction, cfg.seed)
-    val_plain = dataset(cfg, "train", cap=False)
-    return (
-        subset(Subset(train_aug, train_idx), cfg.train_samples, seed=cfg.seed),
-        subset(Subset(val_plain, val_idx), cfg.test_samples, seed=cfg.seed),
-    )
+def holdout_indices(size: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(training, held-out) indices: a seeded ``fraction`` of ``size`` items (at least one) held out."""
+    if fraction <= 0:
+        return list(range(size)), []
+    held = max(1, round(fraction * size))
+    if held >= size:
+        raise BadInput(f"--val-fraction {fraction:g} leaves no training images out of {size}")
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed + 7919)).tolist()
+    return sorted(order[held:]), sorted(order[:held])
+
+
+def training_splits(cfg: Config, augment: bool = True) -> tuple[Dataset, Dataset | None]:
+    """The training images (augmented) and the held-out validation images (plain transforms, None when
+    ``val_fraction`` is 0), carved from the training split capped to ``train_samples``, with the run's seed."""
+    train = dataset(cfg, "train", augment=augment, limit=cfg.train_samples)
+    keep, held = holdout_indices(len(train), cfg.val_fraction, cfg.seed)
+    if not held:
+        return train, None
+    return Subset(train, keep), Subset(dataset(cfg, "train", limit=cfg.train_samples), held)
 
 
 def num_classes(cfg: Config) -> int:
@@ -101,11 +107,27 @@ def dense_meta(cfg: Config, classes: int) -> dict:
 
 
 def ftwt_meta(cfg: Config, classes: int, r: float) -> dict:
-    return {**dense_meta(cfg, classes), "kind": "ftwt", "r": r, "target": cfg.target, "head_softmax": cfg.head_softmax, "mode": cfg.mode}
+    return {
+        **dense_meta(cfg, classes),
+        "kind": "ftwt",
+        "r": r,
+        "target": cfg.target,
+        **head_spec(cfg).to_meta(),
+        "mode": cfg.mode,
+        # which training images the run held out (ftwt calibrate reuses them)
+        "samples": cfg.samples,
+        "train_samples": cfg.train_samples,
+        "val_fraction": cfg.val_fraction,
+        "seed": cfg.seed,
+    }
 
 
-def wrap(backbone: nn.Module, cfg: Config, head_softmax: bool | None = None) -> FTWTModel:
-    return FTWTModel(backbone, input_size(cfg), head_softmax=cfg.head_softmax if head_softmax is None else head_softmax)
+def head_spec(cfg: Config) -> HeadSpec:
+    return HeadSpec(pool=cfg.head_pool, softmax=cfg.head_softmax, norm=cfg.head_norm)
+
+
+def wrap(backbone: nn.Module, cfg: Config) -> FTWTModel:
+    return FTWTModel(backbone, input_size(cfg), head=head_spec(cfg))
 
 
 def initial_weights(cfg: Config, given: str | None) -> str | None:
@@ -166,7 +188,7 @@ def load_model(cfg: Config, path: str | None, *, require: str | None = None, war
     model = create_model(cfg.model, int(meta["num_classes"]))
     what = f"{cfg.model} ({meta['kind']})"
     if meta["kind"] == "ftwt":
-        model = FTWTModel(model, tuple(meta["input_size"]), head_softmax=bool(meta.get("head_softmax", True)))
+        model = FTWTModel(model, tuple(meta["input_size"]), head=HeadSpec.from_meta(meta))
     ckpt.load_weights(model, payload["model"], path, what)
     return LoadedModel(model, meta, str(Path(path)))
 

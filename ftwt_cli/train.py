@@ -37,16 +37,20 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from ftwt_cli import checkpoint as ckpt
 from ftwt_cli import runtime
-from ftwt_cli.config import Config, resolve_device, validate
+from ftwt_cli.config import Config, resolve_device
+from ftwt_cli.config import validate as validate_config
 from ftwt_cli.console import console, progress_bar
 from ftwt_cli.data import make_loader
 from ftwt_cli.errors import BadInput
 from ftwt_cli.estimate import UnreachableTarget, find_ratio
 from ftwt_cli.flops import FlopsCounter
-from ftwt_cli.gating import FTWTModel, Target, head_loss, make_target
+from ftwt_cli.calibrate import Calibration, CalibrationError, calibrate
+from ftwt_cli.gating import FTWTModel, Target, head_loss, make_target, truth_masks
+from ftwt_cli.metrics import MaskStats
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.csv"
+LAYERS_FILE = "layers.csv"
 LAST_FILE = "last.pt"
 BEST_FILE = "best.pt"
 #: Accepted distance (points) between the --target-flops goal and the estimate of the chosen r.
@@ -215,7 +219,7 @@ class RunSpec:
 
     def check(self) -> None:
         """One-line BadInput for every inconsistent choice (before anything is loaded or written)."""
-        validate(self.config)
+        validate_config(self.config)
         if self.epochs < 1:
             raise BadInput(f"--epochs must be at least 1, got {self.epochs}")
         if self.lr <= 0 or (not self.dense and self.config.head_lr <= 0):
@@ -266,11 +270,16 @@ class Objective:
     target: Target | None = None
     head_weight: float = 1.0
 
-    def __call__(self, model: nn.Module, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, model: nn.Module, logits: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor] | None]:
+        """(task loss, head loss, ground-truth masks per block or None for a dense model)."""
         task = F.cross_entropy(logits, labels)
         if self.target is None:
-            return task, torch.zeros((), device=logits.device)
-        return task, head_loss(model.records(), self.target)
+            return task, torch.zeros((), device=logits.device), None
+        records = model.records()
+        truth = truth_masks(records, self.target)
+        return task, head_loss(records, truth), truth
 
 
 def train_step(
@@ -281,17 +290,22 @@ def train_step(
     objective: Objective,
     optimizers: list[torch.optim.Optimizer],
     dist: Distributed = Distributed(),
+    stats: MaskStats | None = None,
 ) -> tuple[float, float, int, int]:
     """One SGD step; returns (task loss, head loss, correct, images) summed over the batch on every rank.
 
     ``net`` is what runs forward (the model or its DDP wrapper), ``model`` the unwrapped module whose
     blocks hold the records. The head loss is multiplied by its weight, never dropped, so heads stay in
     the graph (DDP needs a gradient for every parameter) even when the weight is 0. A non-finite loss on
-    any rank raises NonFiniteLoss on every rank before any weight changes.
+    any rank raises NonFiniteLoss on every rank before any weight changes. ``stats`` (FTWT models)
+    accumulates the step's masks against the ground truth (the training split's per-layer figures).
     """
     logits = net(images)
-    task, heads = objective(model, logits, labels)
+    task, heads, truth = objective(model, logits, labels)
     loss = task + objective.head_weight * heads
+    if stats is not None and truth is not None:
+        records = model.records()
+        stats.update([rec.mask > 0 for rec in records], truth, [rec.logits for rec in records])
     n = labels.shape[0]
     sums = torch.stack([task.detach() * n, heads.detach() * n, (logits.argmax(1) == labels).sum().to(task.dtype), task.new_tensor(n)])
     task_sum, head_sum, correct, count = dist.all_sum(sums.double()).tolist()
@@ -308,53 +322,76 @@ def train_step(
 @dataclass
 class TestMetrics:
     test_top1: float
-    head_acc: float | None = None  # fraction of channel decisions equal to the ground truth
+    head_acc: float | None = None  # percent of channel decisions equal to the ground truth
     flops_reduction_pct: float | None = None
     flops_reduction_with_heads_pct: float | None = None
 
 
+def mask_stats(model: nn.Module, track_masks: bool) -> MaskStats | None:
+    """A fresh statistics accumulator for an FTWT model (None for a dense one)."""
+    if not isinstance(model, FTWTModel):
+        return None
+    return MaskStats(FlopsCounter(model.graph), [b.conv for b in model.graph.blocks], track_masks=track_masks)
+
+
+def summarise(correct: float, count: float, stats: MaskStats | None) -> TestMetrics:
+    metrics = TestMetrics(test_top1=100.0 * correct / max(count, 1))
+    if stats is not None:
+        layers = stats.layers()
+        decisions = sum(layer.channels for layer in layers)
+        metrics.head_acc = 100.0 * sum(layer.head_accuracy * layer.channels for layer in layers) / decisions
+        metrics.flops_reduction_pct = stats.reduction_pct()
+        metrics.flops_reduction_with_heads_pct = stats.reduction_pct(with_heads=True)
+    return metrics
+
+
 @torch.no_grad()
-def evaluate(
+def validate(
     model: nn.Module,
     loader: DataLoader,
     device: torch.device,
     target: Target | None = None,
     dist: Distributed = Distributed(),
     show: Callable = progress_bar,
-) -> TestMetrics:
-    """Top-1 of ``model``; for an FTWT model also head accuracy and the measured FLOPs reduction.
+    label: str = "test",
+) -> tuple[TestMetrics, MaskStats | None]:
+    """Top-1 of ``model``; for an FTWT model also the per-layer mask statistics (:class:`MaskStats`:
+    keep rates vs the ground truth, precision / recall, head BCE, distinct masks) and the measured FLOPs.
 
     The masks are those the heads applied; the ground truth comes from each block's unmasked output.
     Every rank passes over its own shard; sums are reduced across ranks.
     """
     model.eval()
-    gated = isinstance(model, FTWTModel)
-    counter = FlopsCounter(model.graph) if gated else None
-    if gated:
+    stats = mask_stats(model, track_masks=not dist.enabled)
+    if stats is not None:
         model.configure(record=True)
-    sums = torch.zeros(5, dtype=torch.float64, device=device)  # correct, images, matches, decisions, MACs
-    with show("test", len(loader)) as advance:
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # correct, images
+    with show(label, len(loader)) as advance:
         for images, labels in loader:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             logits = model(images)
             sums[0] += (logits.argmax(1) == labels).sum()
             sums[1] += labels.shape[0]
-            if gated:
+            if stats is not None:
                 records = model.records()
-                masks = [rec.mask for rec in records]
-                for rec in records:
-                    sums[2] += ((rec.mask > 0) == target.mask(rec.response)).sum()
-                    sums[3] += rec.mask.numel()
-                sums[4] += counter.macs_from_masks(masks).sum()
+                stats.update([rec.mask > 0 for rec in records], truth_masks(records, target), [rec.logits for rec in records])
             advance()
-    correct, count, matches, decisions, macs = dist.all_sum(sums).tolist()
-    metrics = TestMetrics(test_top1=100.0 * correct / max(count, 1))
-    if gated:
-        mean_macs = macs / max(count, 1)
-        metrics.head_acc = 100.0 * matches / max(decisions, 1)
-        metrics.flops_reduction_pct = float(counter.reduction_pct(mean_macs))
-        metrics.flops_reduction_with_heads_pct = float(counter.reduction_pct(mean_macs, with_heads=True))
-    return metrics
+    correct, count = dist.all_sum(sums).tolist()
+    if stats is not None:
+        stats.reduce(dist.all_sum)
+    return summarise(correct, count, stats), stats
+
+
+def evaluate(model, loader, device, target=None, dist: Distributed = Distributed(), show: Callable = progress_bar) -> TestMetrics:
+    """Top-1, head accuracy and measured FLOPs of ``model`` on ``loader`` (see :func:`validate`)."""
+    return validate(model, loader, device, target, dist, show)[0]
+
+
+def layer_rows(epoch: int, split: str, stats: MaskStats | None) -> list[dict]:
+    """Per-layer rows of ``layers.csv``: target vs heads' keep rate, precision, recall, BCE, distinct masks."""
+    if stats is None:
+        return []
+    return [{"epoch": epoch, "split": split, **asdict(layer)} for layer in stats.layers()]
 
 
 def warm_up_heads(model: FTWTModel, loader: DataLoader, device: torch.device, lr: float, momentum: float) -> int:
@@ -396,8 +433,9 @@ class Summary:
     flops_reduction_pct: float | None
     flops_reduction_with_heads_pct: float | None
     estimate: dict | None = None
+    selected_on: str = "test"  # the split whose top-1 chose best.pt
+    calibration: dict | None = None  # --target-flops: what calibration chose and measured (raw vs calibrated)
     history: list[dict] = field(default_factory=list)
-    selected_on: str = "test"  # the split whose top-1 chose best.pt (best_top1 is on it)
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "history"}
@@ -436,7 +474,8 @@ class Run:
     def __init__(self, spec: RunSpec, run_dir: Path | None, dist: Distributed, device: torch.device, resume: bool) -> None:
         self.spec, self.run_dir, self.dist, self.device = spec, run_dir, dist, device
         cfg = spec.config
-        self.start_epoch, self.best_top1, self.history = 0, -math.inf, []
+        self.start_epoch, self.best_top1, self.history, self.layer_history = 0, -math.inf, [], []
+        self.calibration: dict | None = None
         seed_epoch(cfg.seed, -1, 0)  # model initialisation (identical on every rank)
         if resume:
             loaded = runtime.load_model(cfg, str(run_dir / LAST_FILE), require="dense" if spec.dense else "ftwt")
@@ -497,7 +536,7 @@ class Run:
 
     def _build_data(self) -> None:
         cfg, dist = self.spec.config, self.dist
-        train_set, val_set = runtime.training_sets(cfg)  # val_set: held out of training to choose best.pt
+        train_set, val_set = runtime.training_splits(cfg)
         test_set = runtime.dataset(cfg, "test")
         self.sampler = (
             DistributedSampler(train_set, dist.world_size, dist.rank, shuffle=True, seed=cfg.seed) if dist.enabled else None
@@ -505,12 +544,14 @@ class Run:
         self.train_loader = make_loader(
             train_set, cfg.batch_size, shuffle=True, workers=cfg.workers, seed=cfg.seed, sampler=self.sampler
         )
-        if dist.enabled:  # a strided shard per rank: every test image is counted exactly once
-            test_set = Subset(test_set, range(dist.rank, len(test_set), dist.world_size))
-            if val_set is not None:
-                val_set = Subset(val_set, range(dist.rank, len(val_set), dist.world_size))
-        self.test_loader = make_loader(test_set, cfg.batch_size, workers=cfg.workers)
-        self.val_loader = make_loader(val_set, cfg.batch_size, workers=cfg.workers) if val_set is not None else None
+        self.test_loader = make_loader(self._shard(test_set), cfg.batch_size, workers=cfg.workers)
+        self.val_loader = make_loader(self._shard(val_set), cfg.batch_size, workers=cfg.workers) if val_set else None
+
+    def _shard(self, dataset):
+        """A strided shard per rank, so every evaluation image is counted exactly once."""
+        if not self.dist.enabled:
+            return dataset
+        return Subset(dataset, range(self.dist.rank, len(dataset), self.dist.world_size))
 
     def _restore(self, state: dict) -> None:
         for name, opt in self.optimizers.items():
@@ -520,12 +561,14 @@ class Run:
         self.start_epoch = int(state["epoch"])
         self.best_top1 = float(state["best_top1"])
         self.history = list(state["history"])
+        self.layer_history = list(state.get("layer_history", []))
 
     def train_state(self, epoch: int) -> dict:
         return {
             "epoch": epoch,
             "best_top1": self.best_top1,
             "history": self.history,
+            "layer_history": self.layer_history,
             "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
             "schedulers": {n: s.state_dict() for n, s in self.schedulers.items()},
         }
@@ -551,8 +594,10 @@ class Run:
         if improved:
             ckpt.save_checkpoint(self.run_dir / BEST_FILE, self.model, meta)
         ckpt.save_checkpoint(self.run_dir / LAST_FILE, self.model, meta, self.train_state(epoch))
-        frame = pd.DataFrame(self.history)
-        ckpt.atomic_write_bytes(self.run_dir / METRICS_FILE, lambda f: f.write(frame.to_csv(index=False).encode()))
+        for name, rows in ((METRICS_FILE, self.history), (LAYERS_FILE, self.layer_history)):
+            if rows:
+                text = pd.DataFrame(rows).to_csv(index=False).encode()
+                ckpt.atomic_write_bytes(self.run_dir / name, lambda f, text=text: f.write(text))
 
     # -- training ----------------------------------------------------------------------------------
 
@@ -567,12 +612,15 @@ class Run:
         objective = Objective(self.target, head_weight=0.0 if heads_frozen else 1.0)
         stepping = [opt for name, opt in self.optimizers.items() if not (name == "heads" and heads_frozen)]
         self.net.train()
+        stats = mask_stats(self.model, track_masks=False)
         task_sum = head_sum = 0.0
         correct = seen = 0
         with self.show(f"epoch {epoch + 1}/{spec.epochs}", len(self.train_loader)) as advance:
             for images, labels in self.train_loader:
                 images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
-                task, heads, right, count = train_step(self.net, self.model, images, labels, objective, stepping, self.dist)
+                task, heads, right, count = train_step(
+                    self.net, self.model, images, labels, objective, stepping, self.dist, stats
+                )
                 task_sum, head_sum, correct, seen = task_sum + task, head_sum + heads, correct + right, seen + count
                 info = f"loss {task_sum / seen:.3f} top-1 {100 * correct / seen:.1f}"
                 advance(info=info + ("" if spec.dense else f" heads {head_sum / seen:.3f}"))
@@ -583,6 +631,9 @@ class Run:
         row |= {"task_loss": task_sum / seen, "train_top1": 100.0 * correct / seen}
         if not spec.dense:
             row["head_loss"] = head_sum / seen
+            stats.reduce(self.dist.all_sum)
+            row["train_flops_reduction_pct"] = stats.reduction_pct(with_heads=True)
+            self.layer_history += layer_rows(epoch + 1, "train", stats)
         return row
 
     def fit(self) -> Summary:
@@ -592,17 +643,16 @@ class Run:
             self.dist.sync_buffers(self.model)
             for scheduler in self.schedulers.values():
                 scheduler.step()
-            metrics = evaluate(self.model, self.test_loader, self.device, self.target, self.dist, self.show)
-            row |= {k: v for k, v in asdict(metrics).items() if v is not None}
-            if self.val_loader is not None:
-                show_val = lambda _description, total: self.show("validation", total)  # noqa: E731
-                row["val_top1"] = evaluate(self.model, self.val_loader, self.device, self.target, self.dist, show_val).test_top1
+            row |= self._validate(epoch + 1)
             self.history.append(row)
-            chosen_by = row[f"{spec.selected_on}_top1"]  # best.pt: on the held-out split when there is one
-            improved = chosen_by > self.best_top1
-            self.best_top1 = max(self.best_top1, chosen_by)
+            # best.pt is chosen on held-out training images when there are some, never on the test split then
+            score = row.get("val_top1", row["test_top1"])
+            improved = score > self.best_top1
+            self.best_top1 = max(self.best_top1, score)
             self._save(epoch + 1, row, improved)
-            self.log(epoch_line(row))
+            self.log(epoch_line(row, self.spec.target_flops))
+        if not spec.dense and spec.target_flops is not None and spec.config.calibrate:
+            self.calibration = self._calibrate_best()
         last = self.history[-1] if self.history else {}
         return Summary(
             run_dir=str(self.run_dir) if self.run_dir else None,
@@ -614,17 +664,79 @@ class Run:
             flops_reduction_pct=last.get("flops_reduction_pct"),
             flops_reduction_with_heads_pct=last.get("flops_reduction_with_heads_pct"),
             estimate=spec.estimate,
+            selected_on="val" if self.val_loader is not None else "test",
+            calibration=self.calibration,
             history=list(self.history),
-            selected_on=spec.selected_on,
         )
 
+    def _validate(self, epoch: int) -> dict:
+        """The epoch's held-out (val) and test figures; per-layer statistics go to layers.csv."""
+        row: dict[str, Any] = {}
+        if self.val_loader is not None:
+            val, stats = validate(self.model, self.val_loader, self.device, self.target, self.dist, self.show, "val")
+            row["val_top1"] = val.test_top1
+            if stats is not None:
+                row["val_flops_reduction_pct"] = val.flops_reduction_with_heads_pct
+                self.layer_history += layer_rows(epoch, "val", stats)
+        test, stats = validate(self.model, self.test_loader, self.device, self.target, self.dist, self.show)
+        row |= {k: v for k, v in asdict(test).items() if v is not None}
+        self.layer_history += layer_rows(epoch, "test", stats)
+        return row
 
-def epoch_line(row: dict) -> str:
-    text = f"epoch {row['epoch']}: loss {row['task_loss']:.4f}, train {row['train_top1']:.2f}%, test {row['test_top1']:.2f}%"
+    def _calibrate_best(self) -> dict:
+        """--target-flops: calibrate best.pt's heads to the budget on held-out training images, report the
+        test split before and after, and save the calibrated best.pt (last.pt keeps the raw heads)."""
+        cfg = self.spec.config
+        if self.dist.is_main and self.run_dir is not None:
+            state = ckpt.load_checkpoint(self.run_dir / BEST_FILE)["model"]
+            ckpt.load_weights(self.model, state, self.run_dir / BEST_FILE, "best.pt")
+        self.dist.sync_buffers(self.model)
+        for p in self.model.parameters():  # every rank needs best.pt's weights: broadcast them too
+            if self.dist.enabled:
+                torch_dist.broadcast(p.data, src=0)
+        raw, _ = validate(self.model, self.test_loader, self.device, self.target, self.dist, self.show, "test (raw heads)")
+        images = self.val_loader
+        if images is None:
+            self.log("[yellow]warning:[/yellow] --val-fraction 0: calibrating on training images (none are held out)")
+            images = make_loader(runtime.dataset(cfg, "train"), cfg.batch_size, workers=cfg.workers)
+        try:
+            result = calibrate(self.model, images, self.device, self.spec.target_flops, show=self.show)
+        except CalibrationError as exc:
+            raise BadInput(str(exc)) from None
+        tuned, stats = validate(self.model, self.test_loader, self.device, self.target, self.dist, self.show, "test (calibrated)")
+        record = {
+            **result.to_meta(),
+            "split": "val" if self.val_loader is not None else "train",
+            "test_top1_raw": raw.test_top1,
+            "test_top1_calibrated": tuned.test_top1,
+            "test_reduction_raw_pct": raw.flops_reduction_with_heads_pct,
+            "test_reduction_calibrated_pct": tuned.flops_reduction_with_heads_pct,
+        }
+        self.layer_history += layer_rows(self.spec.epochs, "test-calibrated", stats)
+        if self.dist.is_main and self.run_dir is not None:
+            meta = {**self.meta, "epoch": self.spec.epochs, "test_top1": tuned.test_top1, "calibration": record}
+            ckpt.save_checkpoint(self.run_dir / BEST_FILE, self.model, meta)
+            text = pd.DataFrame(self.layer_history).to_csv(index=False).encode()
+            ckpt.atomic_write_bytes(self.run_dir / LAYERS_FILE, lambda f: f.write(text))
+        self.log(
+            f"calibrated to {result.target_pct:g}% on {result.images} held-out images (r' = {result.ratio:.4f}): "
+            f"test FLOPs ↓ {raw.flops_reduction_with_heads_pct:.2f}% → {tuned.flops_reduction_with_heads_pct:.2f}%, "
+            f"top-1 {raw.test_top1:.2f}% → {tuned.test_top1:.2f}%"
+        )
+        return record
+
+
+def epoch_line(row: dict, target_flops: float | None = None) -> str:
+    text = f"epoch {row['epoch']}: loss {row['task_loss']:.4f}, train {row['train_top1']:.2f}%"
     if "val_top1" in row:
         text += f", val {row['val_top1']:.2f}%"
+    text += f", test {row['test_top1']:.2f}%"
     if "head_acc" in row:
-        text += f", heads {row['head_acc']:.2f}% right, FLOPs ↓ {row['flops_reduction_pct']:.2f}%"
+        text += f", heads {row['head_acc']:.2f}% right, FLOPs ↓ {row['flops_reduction_with_heads_pct']:.2f}% (test)"
+        if "val_flops_reduction_pct" in row:
+            text += f" {row['val_flops_reduction_pct']:.2f}% (held-out)"
+        if target_flops is not None:
+            text += f" vs target {target_flops:g}%"
         text += " (heads frozen)" if row["heads_frozen"] else f", head loss {row['head_loss']:.4f}"
     return text
 

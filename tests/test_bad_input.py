@@ -125,7 +125,7 @@ CASES = [
     ("train", (*SMOKE, "--dense", "--init", "{dense}"), ("--dense", "--init")),
     ("train", (*SMOKE, "--dense", "--val-fraction", "1.5"), ("--val-fraction", "[0, 1)")),
     ("train", (*SMOKE, "--dense", "--val-fraction", "-0.1"), ("--val-fraction",)),
-    ("train", (*SMOKE, "--dense", "--val-fraction", "0.00001"), ("--val-fraction", "at least one")),
+    ("train", (*SMOKE, "--dense", "--val-fraction", "0.9999"), ("--val-fraction", "leaves no training images")),
     ("train", (*SMOKE,), ("needs --init", "ftwt train --dense --model smallnet")),
     ("eval", (*SMOKE,), ("--checkpoint is required",)),
     ("eval", ("--blur-sigmas", "-1"), ("--blur-sigmas",)),

@@ -12,15 +12,14 @@ from typer.testing import CliRunner
 
 from ftwt_cli import runtime
 from ftwt_cli.config import resolve
-from ftwt_cli.data import split_indices
 
 
 def test_split_is_seeded_disjoint_and_complete():
-    kept, held = split_indices(1000, 0.1, seed=3)
+    kept, held = runtime.holdout_indices(1000, 0.1, seed=3)
     assert len(held) == 100 and len(kept) == 900
     assert sorted(kept + held) == list(range(1000))
-    assert split_indices(1000, 0.1, seed=3) == (kept, held)
-    assert split_indices(1000, 0.1, seed=4)[1] != held
+    assert runtime.holdout_indices(1000, 0.1, seed=3) == (kept, held)
+    assert runtime.holdout_indices(1000, 0.1, seed=4)[1] != held
 
 
 def _base_indices(ds) -> list[int]:
@@ -32,18 +31,19 @@ def _base_indices(ds) -> list[int]:
     return indices
 
 
-def test_training_sets_hold_out_unaugmented_training_images():
+def test_training_splits_hold_out_unaugmented_training_images():
     cfg = resolve("smoke", val_fraction=0.2, train_samples=0, test_samples=0)
-    train, val = runtime.training_sets(cfg)
+    train, val = runtime.training_splits(cfg)
     assert len(val) == 1000 and len(train) == 4000  # of the synthetic set's 5,000 training images
     assert not set(_base_indices(train)) & set(_base_indices(val))
     # validation images are plain training images (no crop/flip): identical on every read
     assert torch.equal(val[0][0], val[0][0])
     plain = runtime.dataset(cfg, "train", cap=False)
     assert torch.equal(val[0][0], plain[_base_indices(val)[0]][0])
-    capped_train, capped_val = runtime.training_sets(resolve("smoke", val_fraction=0.2))  # smoke caps 256 / 128
-    assert len(capped_train) == 256 and len(capped_val) == 128
-    assert runtime.training_sets(resolve("smoke"))[1] is None
+    capped_train, capped_val = runtime.training_splits(resolve("smoke", val_fraction=0.2))  # train_samples = 256
+    assert len(capped_train) == 205 and len(capped_val) == 51
+    assert not set(_base_indices(capped_train)) & set(_base_indices(capped_val))
+    assert runtime.training_splits(resolve("smoke", val_fraction=0.0))[1] is None
 
 
 @pytest.mark.parametrize("fraction", [0.1, 0.0])

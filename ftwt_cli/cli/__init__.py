@@ -107,7 +107,7 @@ def main() -> None:
     # Import command modules for their registrations, then run.
     from ftwt_cli.cli import plan  # noqa: F401
 
-    for optional in ("train", "evaluate"):
+    for optional in ("train", "evaluate", "calibrate"):
         try:
             __import__(f"ftwt_cli.cli.{optional}")
         except ModuleNotFoundError as exc:

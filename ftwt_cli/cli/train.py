@@ -61,6 +61,24 @@ def train_command(
     head_softmax: Annotated[
         Optional[bool], typer.Option("--head-softmax/--no-head-softmax", help="Softmax over the pooled head input.")
     ] = None,
+    head_pool: Annotated[
+        Optional[str], typer.Option("--head-pool", help="max | avg: global pooling of the head input (paper text: max).")
+    ] = None,
+    head_norm: Annotated[
+        Optional[bool],
+        typer.Option("--head-norm/--no-head-norm", help="Standardise the pooled head input per channel (folded at inference)."),
+    ] = None,
+    calibrate: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--calibrate/--no-calibrate",
+            help="With --target-flops: set per-layer head thresholds on held-out training images so best.pt hits the budget.",
+        ),
+    ] = None,
+    val_fraction: Annotated[
+        Optional[float],
+        typer.Option("--val-fraction", help="Training images held out (seeded) to choose best.pt and calibrate (default 0.1)."),
+    ] = None,
     out: Annotated[Optional[str], typer.Option("--out", help="Run directory (default runs/<profile>-<mode>...).")] = None,
     resume: Annotated[Optional[str], typer.Option("--resume", help="Continue this run directory.")] = None,
     profile: Annotated[Optional[str], typer.Option("--profile", help="Profile name (see 'ftwt profiles').")] = None,
@@ -73,10 +91,6 @@ def train_command(
     data_root: DataRootOpt = None,
     download: DownloadOpt = None,
     workers: WorkersOpt = None,
-    val_fraction: Annotated[
-        Optional[float],
-        typer.Option("--val-fraction", help="Hold out this share of the training images (seeded) to choose best.pt; 0: the test split chooses (default)."),
-    ] = None,
     sync_bn: Annotated[
         Optional[bool], typer.Option("--sync-bn/--no-sync-bn", help="SyncBatchNorm across torchrun processes (CUDA).")
     ] = None,
@@ -88,8 +102,7 @@ def train_command(
         fixed = _given(
             dense=dense, init=init, r=r, target_flops=target_flops, mode=mode, lr=lr, milestones=milestones,
             head_lr=head_lr, freeze_heads_after=freeze_heads_after, head_init=head_init, head_softmax=head_softmax,
-            out=out, profile=profile, model=model, data=data, samples=samples, batch_size=batch_size, seed=seed,
-            val_fraction=val_fraction,
+            head_pool=head_pool, head_norm=head_norm, calibrate=calibrate, val_fraction=val_fraction, out=out, profile=profile, model=model, data=data, samples=samples, batch_size=batch_size, seed=seed,
         )  # fmt: skip
         if fixed:
             raise BadInput(f"--resume continues a run as it was configured; drop {', '.join(fixed)}")
@@ -108,9 +121,10 @@ def train_command(
             profile or DEFAULT_PROFILE,
             show=is_main,
             model=model, data=data, samples=samples, train_samples=samples, batch_size=batch_size, device=device, seed=seed,
-            val_fraction=val_fraction, sync_bn=sync_bn, pretrained=False if dense else None,
+            sync_bn=sync_bn, pretrained=False if dense else None,
             data_root=data_root, download=download, workers=workers, r=r, mode=mode, head_lr=head_lr,
             freeze_heads_after=freeze_heads_after, head_init=head_init, head_softmax=head_softmax,
+            head_pool=head_pool, head_norm=head_norm, calibrate=calibrate, val_fraction=val_fraction,
             **{
                 f"{prefix}epochs": epochs,
                 f"{prefix}lr": lr,
@@ -138,6 +152,14 @@ def train_command(
         table.add_row("  with heads", f"{summary.flops_reduction_with_heads_pct:.2f}%")
     if summary.estimate is not None:
         table.add_row("FLOPs reduction (estimated)", f"{summary.estimate['estimated_reduction_pct']:.2f}%")
+    if summary.calibration is not None:
+        c = summary.calibration
+        table.add_row("best.pt, raw heads (test)", f"{c['test_reduction_raw_pct']:.2f}% FLOPs ↓, top-1 {c['test_top1_raw']:.2f}%")
+        table.add_row(
+            f"best.pt, calibrated to {c['target_pct']:g}% (test)",
+            f"{c['test_reduction_calibrated_pct']:.2f}% FLOPs ↓, top-1 {c['test_top1_calibrated']:.2f}%",
+        )
+    table.add_row("best.pt chosen on", "held-out training images (val)" if summary.selected_on == "val" else "test split")
     console.print(table)
     if json_out:
         emit_json(summary.to_dict())
