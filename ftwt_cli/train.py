@@ -496,6 +496,7 @@ class Run:
             self.meta = runtime.ftwt_meta(cfg, self.meta["num_classes"], cfg.r)
             if spec.estimate is not None:
                 self.meta["estimate"] = spec.estimate
+        self.meta["best_selected_on"] = spec.selected_on  # every checkpoint says which split chose best.pt
         self.optimizers = build_optimizers(self.model, spec)
         self.schedulers = build_schedulers(self.optimizers, spec)
         self._build_data()
@@ -588,7 +589,7 @@ class Run:
     def _save(self, epoch: int, metrics: dict, improved: bool) -> None:
         if not self.dist.is_main:
             return
-        meta = {**self.meta, "epoch": epoch, "test_top1": metrics["test_top1"], "best_selected_on": self.spec.selected_on}
+        meta = {**self.meta, "epoch": epoch, "test_top1": metrics["test_top1"]}
         if "val_top1" in metrics:
             meta["val_top1"] = metrics["val_top1"]
         if improved:

@@ -66,3 +66,18 @@ def test_best_checkpoint_is_chosen_on_the_recorded_split(tmp_path, monkeypatch, 
     assert summary["best_top1"] == pytest.approx(metrics[f"{split}_top1"].max())
     assert best["epoch"] == int(metrics.loc[metrics[f"{split}_top1"].idxmax(), "epoch"])
     assert f"best {split} top-1" in result.stderr
+
+
+def test_calibrated_best_checkpoint_keeps_the_selection_record(tmp_path, monkeypatch):
+    """--target-flops rewrites best.pt after calibration; the record of which split chose it stays."""
+    import ftwt_cli.cli.train  # noqa: F401
+    from ftwt_cli.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    dense = CliRunner().invoke(app, ["train", "--profile", "smoke", "--dense", "--epochs", "1", "--out", "dense", "--json"])
+    assert dense.exit_code == 0, dense.output
+    args = ["train", "--profile", "smoke", "--init", "dense/best.pt", "--target-flops", "40", "--epochs", "1", "--out", "ftwt"]
+    result = CliRunner().invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    meta = torch.load(tmp_path / "ftwt" / "best.pt", weights_only=True)["meta"]
+    assert "calibration" in meta and meta["best_selected_on"] == "val"
