@@ -108,7 +108,7 @@ def eval_command(
         workers=workers,
     )
     if cfg.checkpoint is None:
-        raise BadInput("--checkpoint is required (a dense or FTWT checkpoint from 'ftwt train')")
+        raise BadInput(f"--checkpoint is required: {runtime.how_to_get_weights(cfg)}")
     dev = resolve_device(cfg.device)
     loaded = [runtime.load_model(cfg, path) for path in [cfg.checkpoint, *(compare or [])]]
     labels = ev.unique_labels([ev.describe(m.meta) for m in loaded], [m.path for m in loaded])
