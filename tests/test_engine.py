@@ -98,10 +98,9 @@ def test_dense_backbone_is_the_identity_case(name, images):
 
 
 @pytest.mark.parametrize("gather_cost", [0.0, 1e12])
-def test_sliced_and_masked_dense_paths_agree(gather_cost, images, monkeypatch):
+def test_sliced_and_masked_dense_paths_agree(gather_cost, images):
     """0: every conv slices its weights; huge: every conv runs masked dense and selects its filters."""
-    monkeypatch.setattr(engine_mod, "GATHER_COST_MACS", gather_cost)
-    check_equivalent(gated(randomize_bn(create_model("smallnet", 10))), images)
+    check_equivalent(gated(randomize_bn(create_model("smallnet", 10))), images, gather_cost_macs=gather_cost)
 
 
 def test_weight_cache_hits_repeated_masks_and_respects_its_budget(images):
