@@ -130,7 +130,7 @@ def test_latency_report_measures_flops_from_predicted_masks(images):
     with torch.no_grad():
         model(images)
     counter = FlopsCounter(model.graph)
-    expected = counter.reduction_pct(counter.macs_from_masks([r.mask for r in model.records()]).mean().item())
+    expected = counter.reduction_pct(counter.macs_from_masks([r.mask for r in model.records()]).mean().item(), with_heads=True)
     assert report["flops_reduction_pct"] == pytest.approx(float(expected), abs=1e-6)
     assert report["ratio"] == pytest.approx(report["latency_reduction_pct"] / report["flops_reduction_pct"])
     dense = latency_report(create_model("smallnet", 10).eval(), images[:2], warmup=0)

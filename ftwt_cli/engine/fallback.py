@@ -63,12 +63,13 @@ class _MaskedConv(nn.Module):
 
 class DenseModel(nn.Module):
     """The whole-engine fallback: BN-folded dense convs (for an FTWT model, masked by its own heads),
-    optionally in channels-last memory format."""
+    optionally in channels-last memory format. ``masked=False`` drops an FTWT model's heads: the plain
+    dense backbone, the reference latencies are measured against."""
 
-    def __init__(self, model: nn.Module, input_size: tuple[int, int], channels_last: bool = False) -> None:
+    def __init__(self, model: nn.Module, input_size: tuple[int, int], channels_last: bool = False, masked: bool = True) -> None:
         super().__init__()
         self.gates: list[_MaskedConv] = []
-        if isinstance(model, FTWTModel):
+        if isinstance(model, FTWTModel) and masked:
             backbone = copy.deepcopy(model.backbone).eval()
             for spec in model.graph.blocks:
                 gated = backbone.get_submodule(spec.conv)
@@ -91,8 +92,8 @@ class DenseModel(nn.Module):
         return self.backbone(x)
 
 
-def dense_fallback(model: nn.Module, input_size: tuple[int, int], channels_last: bool = False) -> DenseModel:
-    return DenseModel(model, input_size, channels_last).eval()
+def dense_fallback(model: nn.Module, input_size: tuple[int, int], channels_last: bool = False, masked: bool = True) -> DenseModel:
+    return DenseModel(model, input_size, channels_last, masked).eval()
 
 
 @contextmanager
