@@ -8,13 +8,13 @@ import math
 import pytest
 import torch
 
+import ftwt_cli.cli.evaluate  # noqa: F401 - registers `ftwt eval` on the app
 from ftwt_cli import runtime
 from ftwt_cli.checkpoint import save_checkpoint
 from ftwt_cli.config import resolve
 from ftwt_cli.flops import FlopsCounter
 from ftwt_cli.latency import latency_report
 from ftwt_cli.models import create_model
-import ftwt_cli.cli.evaluate  # noqa: F401 - registers `ftwt eval` on the app
 from test_engine import noise_images, toy
 
 LAYER_FIELDS = {"name", "block", "sparse", "sparse_us", "dense_us", "keep", "active_in", "macs"}
