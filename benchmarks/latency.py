@@ -35,6 +35,7 @@ import torch
 from ftwt_cli import runtime
 from ftwt_cli.config import resolve
 from ftwt_cli.console import console, emit_json
+from ftwt_cli.engine import build_engine, folded_dense
 from ftwt_cli.flops import FlopsCounter
 from ftwt_cli.gating import FTWTModel
 from ftwt_cli.latency import latency_report
@@ -131,22 +132,30 @@ def shifted(model: FTWTModel, spread: list[torch.Tensor], shift: float) -> FTWTM
     return out.eval().configure(mask_source="predicted", record=False)
 
 
-def at_level(model: FTWTModel, images: torch.Tensor, level: float, steps: int) -> tuple[FTWTModel, float, float]:
-    """Bisect the shift whose masks on ``images`` remove ``level`` % of the FLOPs (more shift keeps more)."""
+def at_levels(model: FTWTModel, images: torch.Tensor, levels, steps: int) -> dict[float, tuple[FTWTModel, float, float]]:
+    """Per level, the shifted model whose masks on ``images`` remove about ``level`` % of the FLOPs:
+    bisection on the shift (more shift keeps more), evaluations shared between levels."""
     spread = logit_spread(model, images)
-    low, high = -4.0, 4.0  # reduction falls as the shift grows
-    best = None
-    for _ in range(steps):
-        mid = (low + high) / 2
-        candidate = shifted(model, spread, mid)
-        reduction = measured_reduction(candidate, images)
-        if best is None or abs(reduction - level) < abs(best[2] - level):
-            best = (candidate, mid, reduction)
-        if reduction > level:
-            low = mid
-        else:
-            high = mid
-    return best
+    evaluated: dict[float, tuple[FTWTModel, float]] = {}
+
+    def at(shift: float) -> tuple[FTWTModel, float]:
+        if shift not in evaluated:
+            candidate = shifted(model, spread, shift)
+            evaluated[shift] = (candidate, measured_reduction(candidate, images))
+        return evaluated[shift]
+
+    found = {}
+    for level in levels:
+        low, high = -3.0, 3.0
+        for _ in range(steps):
+            mid = (low + high) / 2
+            if at(mid)[1] > level:
+                low = mid
+            else:
+                high = mid
+        shift = min((s for s in evaluated), key=lambda s: abs(evaluated[s][1] - level))
+        found[level] = (evaluated[shift][0], shift, evaluated[shift][1])
+    return found
 
 
 def main() -> None:
@@ -161,7 +170,7 @@ def main() -> None:
     parser.add_argument("--train-only", action="store_true", help="train (or reuse) the checkpoints and stop")
     args = parser.parse_args()
     samples = args.samples or (12 if args.quick else 100)
-    layout_count, bisect_images, bisect_steps = (8, 12, 6) if args.quick else (64, 32, 9)
+    layout_count, bisect_images, bisect_steps = (8, 8, 5) if args.quick else (64, 32, 8)
     threads = [int(t) for t in args.threads.split(",")]
     models = args.models.split(",")
     unknown = sorted(set(models) - set(MODELS))
@@ -180,13 +189,12 @@ def main() -> None:
         images = torch.stack([test[i][0] for i in range(min(samples, len(test)))])
         layout = torch.stack([train_set[i][0] for i in range(min(layout_count, len(train_set)))])
         size = tuple(images.shape[2:])
-        dense = runtime.load_model(cfg, str(paths[name]), require="ftwt").model.eval().backbone  # heads dropped
+        dense = folded_dense(model, size)  # the same weights without heads: every filter kept
         levels = []
-        for level in LEVELS:
-            leveled, shift, calibrated = at_level(model, layout[:bisect_images], level, bisect_steps)
+        for level, (leveled, shift, calibrated) in at_levels(model, layout[:bisect_images], LEVELS, bisect_steps).items():
             with torch.no_grad():  # the engine must equal the gated model on what it is timed on
                 check = images[:4]
-                error = (build_check(leveled)(check) - leveled(check)).abs().max().item()
+                error = (build_engine(leveled, cache_mb=0.0)(check) - leveled(check)).abs().max().item()
             for count in threads:
                 report = latency_report(leveled, images, threads=count, cache_mb=args.cache_mb, warmup=4 if args.quick else 10, layout_images=layout)
                 report.update(level=level, logit_shift=shift, calibration_reduction_pct=calibrated, max_abs_error=error)
@@ -212,12 +220,6 @@ def main() -> None:
         }
     if args.json:
         emit_json(results)
-
-
-def build_check(model: FTWTModel):
-    from ftwt_cli.engine import build_engine
-
-    return build_engine(model, cache_mb=0.0)
 
 
 if __name__ == "__main__":

@@ -243,7 +243,7 @@ class ConvStep:
         return Compact(values, oidx, toidx, out_mask, x.width, okey)
 
     # -- fitting --------------------------------------------------------------------------------
-    def calibrate(self, reps: int = 5) -> dict[str, float]:
+    def calibrate(self, reps: int = 3) -> dict[str, float]:
         return cost.calibrate(self, reps)
 
     def fit_core(self, threshold: float | None = None) -> None:

@@ -95,7 +95,7 @@ def best_threshold(step: "ConvStep", outs: np.ndarray, freq: np.ndarray, in_mask
     return best
 
 
-def calibrate(step: "ConvStep", reps: int = 5) -> dict[str, float]:
+def calibrate(step: "ConvStep", reps: int = 3, rounds: int = 3) -> dict[str, float]:
     """Time one layer on this machine (µs): conv at two sizes, 2-D and row gathers, scatter, select."""
     if step.depthwise or step.groups != 1:
         return {}
@@ -111,7 +111,7 @@ def calibrate(step: "ConvStep", reps: int = 5) -> dict[str, float]:
     bq = step.bias[toidx]
     y = step.conv(x, step.weight, step.bias)
     samples = {k: [] for k in ("full", "quarter", "gather2d", "gather_rows", "scatter", "select")}
-    for _ in range(5):  # interleaved rounds so that the machine's drift hits every measurement alike
+    for _ in range(rounds):  # interleaved rounds so that the machine's drift hits every measurement alike
         samples["full"].append(median_us(lambda: step.conv(x, step.weight, step.bias), reps))
         samples["quarter"].append(median_us(lambda: step.conv(xq, wq, bq), reps))
         samples["gather2d"].append(median_us(lambda: step.rows.index_select(0, rows), reps))

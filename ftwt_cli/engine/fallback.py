@@ -58,7 +58,7 @@ class _MaskedConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.mask = self.head(x) > 0  # binarize's rule
-        return self.conv(x) * self.mask[:, :, None, None].to(x.dtype)
+        return self.conv(x).mul_(self.mask[:, :, None, None].to(x.dtype))
 
 
 class DenseModel(nn.Module):

@@ -125,7 +125,7 @@ class SparseEngine(nn.Module):
         """Run the whole engine as the dense model (BN folded; for an FTWT model with its heads and masks)."""
         self.fallback = fb.dense_fallback(self.source, self.input_size) if enabled else None
 
-    def calibrate(self, reps: int = 5) -> dict[int, dict[str, float]]:
+    def calibrate(self, reps: int = 3) -> dict[int, dict[str, float]]:
         """Time every conv on this machine so that the cost model picks strategies from real costs."""
         with torch.no_grad():
             return {step.key: step.calibrate(reps) for step in self.steps}
