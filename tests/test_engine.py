@@ -364,3 +364,17 @@ def test_head_offset_and_pool_change_engine_masks_like_the_model(head_contract, 
             assert (got - expected).abs().max().item() < 1e-4
             for engine_mask, model_mask in zip(engine.block_masks(), after):
                 assert torch.equal(engine_mask, model_mask[i])
+
+
+def test_sliced_shapes_are_padded_to_buckets_and_stay_exact():
+    """Sliced weights are zero-padded up to the shape buckets (fewer distinct conv shapes), outputs cut back."""
+    model = toy("vgg", 32)
+    images = noise_images(32, 3)
+    engine = check_equivalent(model, images, strategy="slice", cache_mb=64.0)
+    shapes = [(step, weight.shape) for step in engine.steps for key, (weight, _) in engine.cache.entries.items() if key[0] == step.key]
+    assert shapes
+    for step, shape in shapes:
+        assert shape[0] % step.bucket_out == 0 or shape[0] == step.out_channels
+        assert shape[1] % step.bucket_in == 0 or shape[1] == step.in_per_group
+    kept = {step.key: int(step.last_mask.sum()) for step in engine.steps if step.last_mask is not None}
+    assert any(shape[0] > kept[step.key] for step, shape in shapes if step.key in kept), "some slice should be padded"

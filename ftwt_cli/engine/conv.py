@@ -31,6 +31,9 @@ from ftwt_cli.engine.core import StaticCore, fit, run_core
 #: "core" needs :meth:`SparseEngine.fit_layout` (it falls back to "slice" where the core cannot serve).
 STRATEGIES = ("auto", "slice", "rows", "dense", "core")
 
+#: Sliced conv shapes per channel dimension (0: exact shapes, no padding); see ConvStep.__init__.
+SHAPE_BUCKETS = 8
+
 #: Per-path call counters kept by every step.
 COUNTERS = ("slice_hit", "slice_miss", "rows_hit", "rows_miss", "dense", "core", "core_extra")
 
@@ -73,12 +76,23 @@ class ConvStep:
         else:
             weight = conv.weight
             bias = conv.bias if conv.bias is not None else torch.zeros(conv.out_channels, dtype=conv.weight.dtype)
-        self.weight = weight.detach().contiguous()  # out-major: a slice is one gather of kh·kw runs
-        self.bias = bias.detach().contiguous()
-        self.kernel = self.weight[0, 0].numel()
-        self.rows = self.weight.view(-1, self.kernel)  # [out · in, kh · kw]
+        weight, bias = weight.detach(), bias.detach()
+        self.kernel = weight[0, 0].numel()
+        # Out-major weights followed by one zero kernel: a slice is one gather of kh·kw runs, and a
+        # padding row (index out · in) gathers zeros.
+        flat = weight.new_zeros(weight.numel() + self.kernel)
+        flat[: weight.numel()] = weight.reshape(-1)
+        self.weight = flat[: weight.numel()].view(weight.shape)
+        self.rows = flat.view(-1, self.kernel)  # [out · in + 1, kh · kw]
         self.filters = self.weight.view(self.weight.shape[0], -1)  # [out, in · kh · kw]
+        self.padded_bias = torch.cat([bias, bias.new_zeros(1)])  # index out: a padding filter's zero bias
+        self.bias = self.padded_bias[:-1]
         self.out_channels, self.in_per_group = self.weight.shape[:2]
+        # Sliced convs get shapes rounded up to one of SHAPE_BUCKETS sizes per channel dimension (zero
+        # filters / zero inputs pad them): oneDNN builds a kernel per new shape, which costs about as
+        # much as the conv itself, and per-sample masks would otherwise make nearly every shape new.
+        self.bucket_out = max(8, self.out_channels // SHAPE_BUCKETS) if SHAPE_BUCKETS else 1
+        self.bucket_in = max(8, self.in_per_group // SHAPE_BUCKETS) if SHAPE_BUCKETS else 1
         self.groups = conv.groups
         self.depthwise = conv.groups == conv.in_channels == conv.out_channels
         self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
@@ -185,7 +199,7 @@ class ConvStep:
                 self.seen_keys.add(key)
         if sliced is not None:
             self.counts["slice_hit"] += 1
-            return self.conv(x.values, *sliced)
+            return self._run_sliced(x, sliced, ko)
         core = self.core if self.core is not None and self.core.serves(x) else None
         if strategy == "core":
             if core is not None:
@@ -197,15 +211,10 @@ class ConvStep:
                 return run_core(self, x, oidx, ko, ki, core)
         if strategy == "slice":
             self.counts["slice_miss"] += 1
-            if full_in:
-                weight = self.filters.index_select(0, toidx).view(ko, *self.weight.shape[1:])
-            else:
-                rows = (oidx[:, None] * self.in_per_group + x.idx[None, :]).ravel()
-                weight = self.rows.index_select(0, torch.from_numpy(rows)).view(ko, ki, *self.weight.shape[2:])
-            sliced = (weight, self.bias.index_select(0, toidx))
+            sliced = self._slice(x, oidx, toidx, ko, ki, full_in)
             if key is not None:
                 cache.store(key, sliced)
-            return self.conv(x.values, *sliced)
+            return self._run_sliced(x, sliced, ko)
         if strategy == "rows":
             row_key = (self.key, okey) if key is not None else None
             sliced = None if row_key is None else cache.lookup(row_key, count=False)
@@ -219,6 +228,36 @@ class ConvStep:
             return self.conv(x.dense(), *sliced)
         self.counts["dense"] += 1
         return self._dense(x, ko, toidx)
+
+    def _slice(self, x: Compact, oidx, toidx, ko: int, ki: int, full_in: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight, bias) of the kept filters × active inputs, zero-padded up to the shape buckets."""
+        O, I = self.out_channels, self.in_per_group
+        po = min(O, -(-ko // self.bucket_out) * self.bucket_out)
+        pi = min(I, -(-ki // self.bucket_in) * self.bucket_in)
+        if po == ko and pi == ki:
+            if full_in:
+                weight = self.filters.index_select(0, toidx).view(ko, *self.weight.shape[1:])
+            else:
+                rows = (oidx[:, None] * I + x.idx[None, :]).ravel()
+                weight = self.rows.index_select(0, torch.from_numpy(rows)).view(ko, ki, *self.weight.shape[2:])
+            return weight, self.bias.index_select(0, toidx)
+        rows = np.full((po, pi), O * I, dtype=np.int64)  # the zero row
+        rows[:ko, :ki] = oidx[:, None] * I + x.idx[None, :]
+        weight = self.rows.index_select(0, torch.from_numpy(rows.ravel())).view(po, pi, *self.weight.shape[2:])
+        bias_idx = np.concatenate([oidx, np.full(po - ko, O, dtype=np.int64)])
+        return weight, self.padded_bias.index_select(0, torch.from_numpy(bias_idx))
+
+    def _run_sliced(self, x: Compact, sliced: tuple[torch.Tensor, torch.Tensor], ko: int) -> torch.Tensor:
+        """The sliced conv on the compact input (zero channels appended up to the weight's inputs);
+        the padding filters' outputs are cut off (a contiguous view at batch 1)."""
+        weight, bias = sliced
+        values = x.values
+        if weight.shape[1] != values.shape[1]:
+            padded = values.new_zeros((1, weight.shape[1], *values.shape[2:]))
+            padded[:, : values.shape[1]] = values
+            values = padded
+        y = self.conv(values, weight, bias)
+        return y if y.shape[1] == ko else y[:, :ko]
 
     def _depthwise(self, x: Compact, mask: np.ndarray | None) -> Compact:
         if mask is None:
