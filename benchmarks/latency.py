@@ -158,6 +158,31 @@ def at_levels(model: FTWTModel, images: torch.Tensor, levels, steps: int) -> dic
     return found
 
 
+def check_exact(model: FTWTModel, images: torch.Tensor) -> dict:
+    """The engine (every layer sparse) against the gated model, image by image: the largest output
+    difference, absolute and relative to the output's scale, and how many block masks differ (a head
+    logit within float rounding of 0 can flip; its |logit| is reported)."""
+    engine = build_engine(model, cache_mb=0.0)
+    model.configure(record=True)
+    worst, scale, mismatches, tie = 0.0, 0.0, 0, float("inf")
+    with torch.no_grad():
+        for image in images:
+            got, expected = engine(image[None]), model(image[None])
+            worst, scale = max(worst, (got - expected).abs().max().item()), max(scale, expected.abs().max().item())
+            for engine_mask, record in zip(engine.block_masks(), model.records()):
+                differ = engine_mask != record.mask[0].bool()
+                if differ.any():
+                    mismatches += 1
+                    tie = min(tie, record.logits[0][differ].abs().max().item())
+    model.configure(record=False)
+    return {
+        "max_abs_error": worst,
+        "max_rel_error": worst / scale if scale else 0.0,
+        "mask_mismatches": mismatches,
+        "mismatch_max_abs_logit": tie if mismatches else None,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer timed and calibration images (same input sizes, same training)")
@@ -192,18 +217,18 @@ def main() -> None:
         dense = folded_dense(model, size)  # the same weights without heads: every filter kept
         levels = []
         for level, (leveled, shift, calibrated) in at_levels(model, layout[:bisect_images], LEVELS, bisect_steps).items():
-            with torch.no_grad():  # the engine must equal the gated model on what it is timed on
-                check = images[:4]
-                error = (build_engine(leveled, cache_mb=0.0)(check) - leveled(check)).abs().max().item()
+            exactness = check_exact(leveled, images[:4])
+            error = exactness["max_abs_error"]
             for count in threads:
                 report = latency_report(leveled, images, threads=count, cache_mb=args.cache_mb, warmup=4 if args.quick else 10, layout_images=layout)
-                report.update(level=level, logit_shift=shift, calibration_reduction_pct=calibrated, max_abs_error=error)
+                report.update(level=level, logit_shift=shift, calibration_reduction_pct=calibrated, **exactness)
                 levels.append(report)
                 console.print(
                     f"[bold]{name}[/bold] {size[0]}×{size[1]} level {level:g} %, {count} thread(s): FLOPs ↓ {report['flops_reduction_pct']:.1f} %, "
                     f"latency ↓ {report['latency_reduction_pct']:.1f} % (dense {report['dense_ms']:.2f} ms, engine {report['engine_ms']:.2f} ms), "
                     f"ratio {report['ratio']:.2f}; sparse layers {report['sparse_layer_count']}/{report['conv_layer_count']}"
-                    f"{', whole-engine fallback' if report['fallback'] else ''}; max |engine − gated| {error:.1e}"
+                    f"{', whole-engine fallback' if report['fallback'] else ''}; max |engine − gated| {error:.1e} "
+                    f"(relative {exactness['max_rel_error']:.1e}, {exactness['mask_mismatches']} mask(s) differ)"
                 )
         kept = {}
         for count in threads:
@@ -212,7 +237,7 @@ def main() -> None:
             console.print(f"[bold]{name}[/bold] every filter kept, {count} thread(s): dense {every['dense_ms']:.2f} ms, engine {every['engine_ms']:.2f} ms")
         top = min((r for r in levels if r["threads"] == threads[0]), key=lambda r: abs(r["flops_reduction_pct"] - 52.0))
         results[name] = {
-            **{k: top[k] for k in ("flops_reduction_pct", "latency_reduction_pct", "ratio", "dense_ms", "engine_ms", "threads", "fallback", "sparse_layers", "dense_channels_last", "level", "max_abs_error")},
+            **{k: top[k] for k in ("flops_reduction_pct", "latency_reduction_pct", "ratio", "dense_ms", "engine_ms", "threads", "fallback", "sparse_layers", "dense_channels_last", "level", "max_abs_error", "max_rel_error", "mask_mismatches")},
             "input_size": list(size),
             "checkpoint": str(paths[name]),
             "every_filter_kept": kept,
