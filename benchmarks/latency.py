@@ -192,11 +192,14 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=None, help="timed test images (default 100, quick 12)")
     parser.add_argument("--threads", default="1,2", help="comma list of thread counts")
     parser.add_argument("--cache-mb", type=float, default=64.0)
+    parser.add_argument("--levels", default=",".join(f"{level:g}" for level in LEVELS), help="comma list of FLOPs levels (%%)")
+    parser.add_argument("--no-calibrate", action="store_true", help="skip timing the per-call cost model (the per-layer choice is still measured)")
     parser.add_argument("--train-only", action="store_true", help="train (or reuse) the checkpoints and stop")
     args = parser.parse_args()
     samples = args.samples or (12 if args.quick else 100)
     layout_count, bisect_images, bisect_steps = (8, 8, 5) if args.quick else (64, 32, 8)
     threads = [int(t) for t in args.threads.split(",")]
+    levels_wanted = [float(level) for level in args.levels.split(",")]
     models = args.models.split(",")
     unknown = sorted(set(models) - set(MODELS))
     if unknown:
@@ -216,11 +219,14 @@ def main() -> None:
         size = tuple(images.shape[2:])
         dense = folded_dense(model, size)  # the same weights without heads: every filter kept
         levels = []
-        for level, (leveled, shift, calibrated) in at_levels(model, layout[:bisect_images], LEVELS, bisect_steps).items():
+        for level, (leveled, shift, calibrated) in at_levels(model, layout[:bisect_images], levels_wanted, bisect_steps).items():
             exactness = check_exact(leveled, images[:4])
             error = exactness["max_abs_error"]
             for count in threads:
-                report = latency_report(leveled, images, threads=count, cache_mb=args.cache_mb, warmup=4 if args.quick else 10, layout_images=layout)
+                report = latency_report(
+                    leveled, images, threads=count, cache_mb=args.cache_mb, warmup=4 if args.quick else 10,
+                    layout_images=layout, calibrate=not args.no_calibrate,
+                )
                 report.update(level=level, logit_shift=shift, calibration_reduction_pct=calibrated, **exactness)
                 levels.append(report)
                 console.print(
@@ -232,7 +238,10 @@ def main() -> None:
                 )
         kept = {}
         for count in threads:
-            every = latency_report(dense, images, threads=count, cache_mb=args.cache_mb, warmup=4 if args.quick else 10, fallback=False)
+            every = latency_report(
+                dense, images, threads=count, cache_mb=args.cache_mb, warmup=4 if args.quick else 10,
+                fallback=False, calibrate=not args.no_calibrate,
+            )
             kept[str(count)] = {k: every[k] for k in ("dense_ms", "engine_ms", "latency_reduction_pct", "dense_channels_last")}
             console.print(f"[bold]{name}[/bold] every filter kept, {count} thread(s): dense {every['dense_ms']:.2f} ms, engine {every['engine_ms']:.2f} ms")
         top = min((r for r in levels if r["threads"] == threads[0]), key=lambda r: abs(r["flops_reduction_pct"] - 52.0))
