@@ -221,7 +221,7 @@ def calibrate_checkpoint(cfg, checkpoint: str, target_pct: float, out: str, show
     model = loaded.model.to(device)
     target = make_target(meta.get("target", "mass"), float(meta["r"]))
     model.configure(mask_source="predicted", record=True, target=target)
-    held_cfg = cfg.override(**{k: meta[k] for k in ("samples", "val_fraction", "seed") if k in meta})
+    held_cfg = cfg.override(**{k: meta[k] for k in ("samples", "train_samples", "val_fraction", "seed") if k in meta})
     held = runtime.training_splits(held_cfg, augment=False)[1]
     split = "val"
     if held is None:

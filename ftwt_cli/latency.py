@@ -1,7 +1,8 @@
 """Batch-1 CPU latency of the sparse engine against the dense backbone (the paper's Table 5).
 
 Dense reference: the same weights without heads or masks, with every BN folded into its conv
-(:func:`engine.folded_dense`), run as a plain ``nn.Module``. Dense and engine run alternately on each
+(:func:`engine.folded_dense`), run as a plain ``nn.Module`` in the faster of the default and the
+channels-last memory format (timed on the warm-up images). Dense and engine run alternately on each
 image (their order swapping every image) so that both share the machine's drift; medians are reported.
 """
 
@@ -14,15 +15,33 @@ import torch
 from torch import nn
 
 from ftwt_cli.console import progress_bar
-from ftwt_cli.engine import build_engine, folded_dense
+from ftwt_cli.engine import build_engine, dense_fallback
 from ftwt_cli.flops import FlopsCounter
 from ftwt_cli.gating import FTWTModel
+
+#: Calibration images for the engine's per-layer and whole-engine choice (taken from the layout images).
+CALIBRATION_IMAGES = 4
 
 
 def _timed(fn, x: torch.Tensor) -> float:
     start = time.perf_counter_ns()
     fn(x)
     return (time.perf_counter_ns() - start) / 1e6
+
+
+def dense_reference(model: nn.Module, input_size: tuple[int, int], images: torch.Tensor, rounds: int = 3) -> tuple[nn.Module, dict]:
+    """The BN-folded dense backbone (no heads, no masks) in its faster memory format on ``images``."""
+    candidates = {fmt: dense_fallback(model, input_size, channels_last=fmt, masked=False) for fmt in (False, True)}
+    times: dict[bool, list[float]] = {False: [], True: []}
+    with torch.inference_mode():
+        for round_ in range(rounds + 1):
+            for fmt in (False, True) if round_ % 2 == 0 else (True, False):
+                ms = [_timed(candidates[fmt], image[None]) for image in images]
+                if round_:
+                    times[fmt].append(statistics.median(ms))
+    best = {fmt: min(v) for fmt, v in times.items()}
+    channels_last = best[True] < best[False]
+    return candidates[channels_last], {"dense_channels_last": channels_last, "dense_default_ms": best[False], "dense_channels_last_ms": best[True]}
 
 
 def latency_report(
@@ -33,29 +52,42 @@ def latency_report(
     warmup: int = 20,
     calibrate: bool = True,
     layout_images: torch.Tensor | None = None,
+    layers="auto",
+    fallback="auto",
 ) -> dict:
     """Median batch-1 latency of dense vs engine over ``images`` [N, 3, H, W], with FLOPs measured on them.
 
     ``model`` is an eval-mode FTWTModel (or a dense backbone: the identity case) on CPU. The weight cache
     is emptied after the warm-up, so its hit rate counts only masks seen during the measured pass.
     ``calibrate`` times the engine's conv strategies on this machine at build time. ``layout_images``
-    (e.g. training images) fit the engine's static cores (:meth:`SparseEngine.fit_layout`); without
-    them the warm-up images are used (``layout_images`` in the report says which).
+    (e.g. training images) fit the engine's static cores (:meth:`SparseEngine.fit_layout`) and, the
+    first few of them, choose per layer between sparse paths and the dense conv and for the whole
+    engine between the engine and the dense model (``layers``/``fallback`` as in ``build_engine``:
+    "auto" measures); without them the warm-up images are used (``layout_images`` says which).
+    ``flops_reduction_pct`` (the one in ``ratio``) charges the heads' MACs.
     """
     if images.dim() != 4 or images.shape[0] == 0:
         raise ValueError(f"images must be a non-empty [N, 3, H, W] tensor, got shape {tuple(images.shape)}")
     images = images.detach().cpu()
+    size = tuple(images.shape[2:])
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        engine = build_engine(model, tuple(images.shape[2:]), cache_mb=cache_mb, calibrate=calibrate)
+        engine = build_engine(model, size, cache_mb=cache_mb, calibrate=calibrate, layers="sparse" if layers in ("auto", "measure") else layers, fallback=False)
         if layout_images is None:
             layout_source = f"the {warmup} warm-up images (cycled from the timed set)" if warmup else "none"
             layout_images = images[torch.arange(warmup) % len(images)] if warmup else images[:0]
         else:
             layout_source = f"{len(layout_images)} separate images"
-        layout = engine.fit_layout(layout_images.detach().cpu()) if len(layout_images) else {}
-        dense = folded_dense(model, tuple(images.shape[2:]))
+        layout_images = layout_images.detach().cpu()
+        layout = engine.fit_layout(layout_images) if len(layout_images) else {}
+        calibration = (layout_images if len(layout_images) else images)[:CALIBRATION_IMAGES]
+        measured = {}
+        if layers in ("auto", "measure") or fallback in ("auto", "measure"):
+            measured = engine.measure(calibration, layers=layers in ("auto", "measure"), whole=fallback in ("auto", "measure"))
+        if isinstance(fallback, bool):
+            engine.use_fallback(fallback)
+        dense, dense_info = dense_reference(model, size, calibration, rounds=2 if warmup else 1)
         gated = isinstance(model, FTWTModel)
         counter = FlopsCounter(model.graph) if gated else None
         dense_ms, engine_ms, masks = [], [], [[] for _ in range(engine.num_blocks)]
@@ -85,10 +117,12 @@ def latency_report(
     dense_median, engine_median = statistics.median(dense_ms), statistics.median(engine_ms)
     latency_reduction = 100.0 * (1.0 - engine_median / dense_median)
     if counter is not None:
-        macs = counter.macs_from_masks([torch.stack(m) for m in masks])
-        flops_reduction = float(counter.reduction_pct(macs.mean().item()))
+        macs = counter.macs_from_masks([torch.stack(m) for m in masks]).mean().item()
+        flops_reduction = float(counter.reduction_pct(macs, with_heads=True))
+        flops_no_heads = float(counter.reduction_pct(macs))
     else:
-        flops_reduction = 0.0
+        flops_reduction = flops_no_heads = 0.0
+    layer_report = measured.get("layers", [])
     return {
         "samples": len(images),
         "threads": threads,
@@ -99,14 +133,22 @@ def latency_report(
         "engine_p90_ms": _quantile(engine_ms, 0.9),
         "latency_reduction_pct": latency_reduction,
         "flops_reduction_pct": flops_reduction,
+        "flops_reduction_no_heads_pct": flops_no_heads,
         "ratio": latency_reduction / flops_reduction if flops_reduction > 0 else float("nan"),
+        "fallback": engine.fallback is not None,
+        "sparse_layers": engine.sparse_layers(),
+        "sparse_layer_count": len(engine.sparse_layers()),
+        "conv_layer_count": len(engine.convs),
+        "layers": layer_report,
+        "calibration": {k: v for k, v in measured.items() if k != "layers"},
+        **dense_info,
         "cache_mb": cache_mb,
         "cache_hit_rate": engine.cache.hit_rate,
         "calibrated": calibrate,
         "layout_images": layout_source,
         "core_mac_fraction": layout.get("mean_core_mac_fraction", float("nan")),
         "strategy_counts": counts,
-        "dense_reference": "backbone without heads, BN folded into convs",
+        "dense_reference": "backbone without heads, BN folded into convs, faster of default/channels-last",
     }
 
 

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import random
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -130,6 +131,27 @@ def stop_processes(dist: Distributed) -> None:
         torch_dist.destroy_process_group()
 
 
+def wrap_for_processes(model: nn.Module, dist: Distributed, device: torch.device, sync_bn: bool) -> tuple[nn.Module, nn.Module]:
+    """(model, net): under torchrun ``net`` is the DDP wrapper, and with ``sync_bn`` every BatchNorm of
+    ``model`` becomes a SyncBatchNorm (same parameters and buffers, so optimizers and checkpoints are
+    unchanged) that normalises with the statistics of the whole global batch."""
+    if not dist.enabled:
+        if sync_bn:
+            warnings.warn("--sync-bn has no effect in a single process (run under torchrun)", stacklevel=2)
+        return model, model
+    if sync_bn:
+        if device.type != "cuda":
+            raise BadInput("--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm does not run on CPU); drop --sync-bn")
+        model = sync_batchnorm(model)
+    return model, DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def sync_batchnorm(model: nn.Module) -> nn.Module:
+    """Every BatchNorm of ``model`` (inside gated blocks too) as a SyncBatchNorm holding the same
+    parameter and buffer tensors: optimizers built before stay valid, state_dict keys do not change."""
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
 # ---------------------------------------------------------------------------------------------------
 # What a run does
 
@@ -189,12 +211,20 @@ class RunSpec:
             "estimate": self.estimate,
             "static": self.static,
             "signature": self.signature,
+            "best_selected_on": self.selected_on,
         }
+
+    @property
+    def selected_on(self) -> str:
+        """The split whose top-1 chooses best.pt."""
+        return "val" if self.config.val_fraction > 0 else "test"
 
     @classmethod
     def from_dict(cls, doc: dict) -> "RunSpec":
+        config = dict(doc["config"])
+        config.setdefault("train_samples", config.get("samples", 0))  # runs from before train_samples existed
         return cls(
-            Config(**doc["config"]), bool(doc["dense"]), doc.get("init"), doc.get("target_flops"), doc.get("estimate"),
+            Config(**config), bool(doc["dense"]), doc.get("init"), doc.get("target_flops"), doc.get("estimate"),
             doc.get("static"), doc.get("signature"),
         )  # fmt: skip
 
@@ -212,7 +242,10 @@ class RunSpec:
                 raise BadInput("--dense trains the plain backbone; --init and --target-flops are for dynamic training")
             return
         if self.init is None:
-            raise BadInput("dynamic training needs --init DENSE_CKPT (train one with 'ftwt train --dense')")
+            raise BadInput(
+                "dynamic training needs --init with dense weights: an ftwt checkpoint or state_dict FILE, or torchvision; "
+                f"train them with 'ftwt train --dense --model {self.config.model}'"
+            )
         if self.target_flops is not None and not (0.0 < self.target_flops < 100.0):
             raise BadInput(f"--target-flops is a percent of FLOPs to remove and must be in (0, 100), got {self.target_flops:g}")
 
@@ -489,6 +522,7 @@ class Run:
                 self.meta["estimate"] = spec.estimate
             if spec.signature is not None:
                 self.meta["signature"] = spec.signature["counts"]
+        self.meta["best_selected_on"] = spec.selected_on  # every checkpoint says which split chose best.pt
         self.optimizers = build_optimizers(self.model, spec)
         self.schedulers = build_schedulers(self.optimizers, spec)
         self._build_data()
@@ -500,10 +534,10 @@ class Run:
         if not resume and not spec.dense and cfg.head_warmup > 0:
             seed_epoch(cfg.seed, -2, dist.rank)
             self._warm_up_on_targets(cfg.head_warmup)
-        self.net = (
-            DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
-            if dist.enabled
-            else self.model
+        self.model, self.net = wrap_for_processes(self.model, dist, device, cfg.sync_bn)
+        self.log(
+            f"batch size {cfg.batch_size} per process × {dist.world_size} process(es) = {cfg.batch_size * dist.world_size} "
+            f"images per step{' (SyncBatchNorm)' if cfg.sync_bn and dist.enabled else ''}"
         )
 
     # -- setup -------------------------------------------------------------------------------------
@@ -609,6 +643,8 @@ class Run:
         if not self.dist.is_main:
             return
         meta = {**self.meta, "epoch": epoch, "test_top1": metrics["test_top1"]}
+        if "val_top1" in metrics:
+            meta["val_top1"] = metrics["val_top1"]
         if improved:
             ckpt.save_checkpoint(self.run_dir / BEST_FILE, self.model, meta)
         ckpt.save_checkpoint(self.run_dir / LAST_FILE, self.model, meta, self.train_state(epoch))

@@ -210,9 +210,12 @@ def test_compared_models_see_identical_perturbed_inputs(smoke_cfg, checkpoints):
 
 
 def test_estimate_vs_reached_needs_a_recorded_estimate():
-    assert ev.estimate_vs_reached({}, 40.0) is None
-    row = ev.estimate_vs_reached({"estimate": {"chosen_r": 0.9, "estimated_reduction_pct": 45.0, "target": 45}}, 40.0)
-    assert row["difference_pct"] == pytest.approx(-5.0) and row["chosen_r"] == 0.9
+    assert ev.estimate_vs_reached({}, 40.0, 39.5) is None
+    row = ev.estimate_vs_reached({"estimate": {"chosen_r": 0.9, "estimated_reduction_pct": 45.0, "target": 45}}, 40.0, 39.5)
+    # the difference is to the target, heads' cost included: what the user asked for
+    assert row["difference_pct"] == pytest.approx(-5.5) and row["chosen_r"] == 0.9 and row["calibrated"] is False
+    calibrated = ev.estimate_vs_reached({"calibration": {"target_pct": 40.0}}, 40.3, 40.1)
+    assert calibrated["calibrated"] and calibrated["target"] == 40.0 and calibrated["estimated_reduction_pct"] is None
 
 
 # --- CLI --------------------------------------------------------------------------------------------

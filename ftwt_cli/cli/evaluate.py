@@ -108,7 +108,7 @@ def eval_command(
         workers=workers,
     )
     if cfg.checkpoint is None:
-        raise BadInput("--checkpoint is required (a dense or FTWT checkpoint from 'ftwt train')")
+        raise BadInput(f"--checkpoint is required: {runtime.how_to_get_weights(cfg)}")
     dev = resolve_device(cfg.device)
     loaded = [runtime.load_model(cfg, path) for path in [cfg.checkpoint, *(compare or [])]]
     labels = ev.unique_labels([ev.describe(m.meta) for m in loaded], [m.path for m in loaded])
@@ -138,6 +138,10 @@ def eval_command(
         plot_clusters(reports, Path(plots) / "clusters.png", title=cfg.model)
         if any(layer.target_keep_ratio is not None for r in reports for layer in r.layers):
             plot_layer_budget(reports, Path(plots) / "layer_budget.png", title=cfg.model)
+        if latency:
+            from ftwt_cli.plots import plot_layer_latency
+
+            plot_layer_latency(reports, Path(plots) / "layer_latency.png", title=cfg.model)
     if json_out:
         emit_json(
             {
@@ -188,6 +192,10 @@ def _tables(reports: list[ev.ModelReport]) -> dict[str, pd.DataFrame]:
     latencies = [{"model": r.label} | r.latency for r in reports if r.latency]
     if latencies:
         tables["latency"] = pd.DataFrame(latencies)
+        # Per conv: the engine's build-time measurement of its sparse paths against its dense conv.
+        layer_rows = [{"model": r.label} | layer for r in reports if r.latency for layer in r.latency.get("layers", [])]
+        if layer_rows:
+            tables["latency_layers"] = pd.DataFrame(layer_rows)
     return tables
 
 
@@ -217,6 +225,11 @@ HEADERS = {
     "engine_ms": "engine ms",
     "latency_reduction_pct": "latency ↓ %",
     "cache_hit_rate": "cache hits",
+    "sparse_layer_count": "sparse layers",
+    "fallback": "dense fallback",
+    "sparse_us": "sparse µs",
+    "dense_us": "dense µs",
+    "active_in": "active in",
 }
 #: The fields of ftwt_cli.latency.latency_report shown in the terminal.
 LATENCY_COLUMNS = (
@@ -225,8 +238,12 @@ LATENCY_COLUMNS = (
     "latency_reduction_pct",
     "flops_reduction_pct",
     "ratio",
+    "sparse_layer_count",
+    "fallback",
     "cache_hit_rate",
 )
+#: The per-layer latency fields shown in the terminal.
+LATENCY_LAYER_COLUMNS = ("name", "keep", "active_in", "sparse", "dense_us", "sparse_us")
 
 
 def _print_tables(reports: list[ev.ModelReport], tables: dict[str, pd.DataFrame]) -> None:
@@ -252,6 +269,13 @@ def _print_tables(reports: list[ev.ModelReport], tables: dict[str, pd.DataFrame]
         first = reports[0].latency
         title = f"CPU latency, batch 1, {first.get('samples')} images, {first.get('threads')} thread(s)"
         console.print(_rich_table(title, frame[shown]))
+    if "latency_layers" in tables:
+        layers = tables["latency_layers"]
+        for r in reports:
+            rows = layers[layers["model"] == r.label]
+            if not rows.empty:
+                title = f"per-layer latency (build-time measurement, sparse = runs its sparse paths): {r.label}"
+                console.print(_rich_table(title, rows[[c for c in LATENCY_LAYER_COLUMNS if c in rows.columns]]))
 
 
 def _rich_table(title: str, frame: pd.DataFrame) -> Table:

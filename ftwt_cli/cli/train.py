@@ -9,8 +9,10 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
+from ftwt_cli import runtime
 from ftwt_cli import static as static_pruning
 from ftwt_cli import train as training
+from ftwt_cli.checkpoint import check_writable
 from ftwt_cli.cli import (
     BatchOpt,
     DataOpt,
@@ -41,7 +43,8 @@ def _given(**options) -> list[str]:
 def train_command(
     dense: Annotated[bool, typer.Option("--dense", help="Train the plain backbone (the baseline FTWT starts from).")] = False,
     init: Annotated[
-        Optional[str], typer.Option("--init", "--checkpoint", help="Dense checkpoint to start FTWT from (default: the profile's).")
+        Optional[str], typer.Option("--init", "--checkpoint", help="Dense weights to start FTWT from: an ftwt checkpoint, a plain state_dict, or 'torchvision' "
+            "(pretrained; also the profile's pretrained = true). Default: the profile's.")
     ] = None,
     r: Annotated[Optional[float], typer.Option("--r", "--ratio", help="Mass ratio of the targets, in (0, 1] (--ratio under torchrun, whose own parser claims --r).")] = None,
     target_flops: TargetOpt = None,
@@ -104,6 +107,9 @@ def train_command(
     data_root: DataRootOpt = None,
     download: DownloadOpt = None,
     workers: WorkersOpt = None,
+    sync_bn: Annotated[
+        Optional[bool], typer.Option("--sync-bn/--no-sync-bn", help="SyncBatchNorm across torchrun processes (CUDA).")
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Train a dense baseline (--dense) or an FTWT model from one (--init, --r or --target-flops)."""
@@ -118,7 +124,8 @@ def train_command(
         if fixed:
             raise BadInput(f"--resume continues a run as it was configured; drop {', '.join(fixed)}")
         spec = training.read_spec(Path(resume))
-        spec.config = spec.config.override(device=device, workers=workers, data_root=data_root, download=download)
+        spec.config = spec.config.override(device=device, workers=workers, data_root=data_root, download=download, sync_bn=sync_bn)
+        check_writable(resume, "--resume")
         if epochs is not None:
             spec.config = spec.config.override(**{"dense_epochs" if spec.dense else "epochs": epochs})
     else:
@@ -134,7 +141,8 @@ def train_command(
         cfg = resolve_config(
             profile or DEFAULT_PROFILE,
             show=is_main,
-            model=model, data=data, samples=samples, batch_size=batch_size, device=device, seed=seed,
+            model=model, data=data, samples=samples, train_samples=samples, batch_size=batch_size, device=device, seed=seed,
+            sync_bn=sync_bn, pretrained=False if dense else None,
             data_root=data_root, download=download, workers=workers, r=r, mode=mode, head_lr=head_lr,
             freeze_heads_after=freeze_heads_after, head_init=head_init, head_softmax=head_softmax,
             head_pool=head_pool, head_norm=head_norm, calibrate=calibrate, val_fraction=val_fraction,
@@ -146,7 +154,7 @@ def train_command(
                 f"{prefix}milestones": training.parse_milestones(milestones) if milestones is not None else None,
             },
         )  # fmt: skip
-        start = None if dense else (init or cfg.checkpoint)
+        start = None if dense else runtime.initial_weights(cfg, init)
         if static:
             spec = static_pruning.run_spec(cfg, static, start, target_flops)
         elif signature:
@@ -157,6 +165,7 @@ def train_command(
                 spec = training.RunSpec(cfg, False, init=start, signature=record)
         else:
             spec = training.RunSpec(cfg, dense, init=start, target_flops=target_flops)
+        check_writable(out or "runs", "--out")
     try:
         summary = training.train(spec, out=out, resume=resume)
     except training.NonFiniteLoss as exc:

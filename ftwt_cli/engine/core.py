@@ -1,0 +1,84 @@
+"""Static cores: per layer, the often-kept filters × the ever-active inputs, stored contiguously.
+
+Fitted on sample images (:meth:`SparseEngine.fit_layout`), a core serves a call without gathering
+weights; kept filters outside it are sliced and merged, and a call with an active input outside it
+uses the other paths, so results stay exact.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from ftwt_cli.engine.compact import Compact
+from ftwt_cli.engine.cost import best_threshold
+
+if TYPE_CHECKING:
+    from ftwt_cli.engine.conv import ConvStep
+
+
+class StaticCore:
+    """A layer's static core: weights of the often-kept filters × the ever-active inputs, stored contiguously."""
+
+    def __init__(self, step: "ConvStep", out_mask: np.ndarray, in_mask: np.ndarray) -> None:
+        self.out_mask, self.in_missing = out_mask, ~in_mask
+        self.out_idx, self.in_idx = np.flatnonzero(out_mask), np.flatnonzero(in_mask)
+        self.out_pos = np.cumsum(out_mask) - 1  # channel -> position in the core (valid where in the core)
+        self.in_pos = np.cumsum(in_mask) - 1
+        w = step.weight.index_select(0, torch.from_numpy(self.out_idx)).index_select(1, torch.from_numpy(self.in_idx))
+        self.weight = w.contiguous()
+        self.bias = step.bias.index_select(0, torch.from_numpy(self.out_idx)).contiguous()
+        self.macs = self.out_idx.size * self.in_idx.size / (out_mask.size * in_mask.size)  # fraction of dense MACs
+
+    def serves(self, x: Compact) -> bool:
+        """Whether every active input of ``x`` is inside the core."""
+        return x.idx.size <= self.in_idx.size and not (x.mask & self.in_missing).any()
+
+
+def fit(step: "ConvStep", seen: list[tuple[np.ndarray | None, np.ndarray]], threshold: float | None = None) -> StaticCore | None:
+    """The core for ``step`` from the (output mask, input mask) pairs it saw, or None."""
+    if not seen or step.depthwise or step.groups != 1:
+        return None
+    in_mask = np.mean([m for _, m in seen], axis=0) > 0
+    if seen[0][0] is None:
+        out_mask = np.ones(step.out_channels, dtype=bool)
+    else:
+        outs = np.stack([m for m, _ in seen])
+        freq = outs.mean(axis=0)
+        if threshold is None:
+            threshold = best_threshold(step, outs, freq, in_mask, np.array([m.sum() for _, m in seen]))
+        out_mask = freq >= threshold
+    if not out_mask.any() or not in_mask.any():
+        return None
+    return StaticCore(step, out_mask, in_mask)
+
+
+def run_core(step: "ConvStep", x: Compact, oidx: np.ndarray, ko: int, ki: int, core: StaticCore) -> torch.Tensor:
+    """Conv with the core's weights, then select; kept filters outside the core come from a small
+    slice and are merged by position."""
+    step.counts["core"] += 1
+    if ki == core.in_idx.size:
+        xc = x.values
+    else:
+        xc = x.values.new_zeros((1, core.in_idx.size, *x.values.shape[2:]))
+        xc.index_copy_(1, torch.from_numpy(core.in_pos[x.idx]), x.values)
+    yc = step.conv(xc, core.weight, core.bias)
+    in_core = core.out_mask[oidx]  # which kept filters the core computed
+    n_core = int(np.count_nonzero(in_core))
+    if n_core == core.out_idx.size and n_core == ko:
+        return yc
+    if n_core == ko:
+        return yc.index_select(1, torch.from_numpy(core.out_pos[oidx]))
+    step.counts["core_extra"] += 1
+    extra = oidx[~in_core]
+    rows = (extra[:, None] * step.in_per_group + x.idx[None, :]).ravel()
+    weight = step.rows.index_select(0, torch.from_numpy(rows)).view(extra.size, ki, *step.weight.shape[2:])
+    ye = step.conv(x.values, weight, step.bias.index_select(0, torch.from_numpy(extra)))
+    out = yc.new_empty((1, ko, *yc.shape[2:]))
+    if n_core:
+        core_kept = oidx[in_core]
+        out.index_copy_(1, torch.from_numpy(np.flatnonzero(in_core)), yc.index_select(1, torch.from_numpy(core.out_pos[core_kept])))
+    out.index_copy_(1, torch.from_numpy(np.flatnonzero(~in_core)), ye)
+    return out

@@ -1,0 +1,82 @@
+"""Latency reports: the documented fields, forced engine choices, and ``ftwt eval --latency`` output."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import ftwt_cli.cli.evaluate  # noqa: F401 - registers `ftwt eval` on the app
+from ftwt_cli import runtime
+from ftwt_cli.checkpoint import save_checkpoint
+from ftwt_cli.config import resolve
+from ftwt_cli.flops import FlopsCounter
+from ftwt_cli.latency import latency_report
+from ftwt_cli.models import create_model
+from test_engine import noise_images, toy
+
+LAYER_FIELDS = {"name", "block", "sparse", "sparse_us", "dense_us", "keep", "active_in", "macs"}
+
+
+def test_report_has_the_documented_fields_and_measures_every_layer():
+    model = toy("resnet", 32)
+    images = noise_images(32, 3)
+    report = latency_report(model, images, warmup=2, layout_images=noise_images(32, 2) * 0.5)
+    for key in (
+        "dense_ms", "engine_ms", "latency_reduction_pct", "flops_reduction_pct", "flops_reduction_no_heads_pct", "ratio",
+        "fallback", "sparse_layers", "sparse_layer_count", "conv_layer_count", "layers", "dense_channels_last", "calibration",
+    ):  # fmt: skip
+        assert key in report, key
+    assert len(report["layers"]) == report["conv_layer_count"] == len(model.blocks)
+    assert all(LAYER_FIELDS <= set(layer) for layer in report["layers"])
+    if report["fallback"]:
+        assert report["sparse_layers"] == []
+    else:
+        assert report["sparse_layers"] == [layer["name"] for layer in report["layers"] if layer["sparse"]]
+    assert report["calibration"]["images"] == 2 and report["layout_images"] == "2 separate images"
+    # Heads are charged: the reduction in the ratio is below the one without heads.
+    assert report["flops_reduction_pct"] < report["flops_reduction_no_heads_pct"]
+    assert report["ratio"] == pytest.approx(report["latency_reduction_pct"] / report["flops_reduction_pct"])
+
+
+@pytest.mark.parametrize("layers, fallback", [("dense", False), ("sparse", False), ("sparse", True)])
+def test_forced_choices_are_reported_and_flops_come_from_the_masks_applied(layers, fallback):
+    model = toy("depthwise", 32)
+    images = noise_images(32, 3)
+    report = latency_report(model, images, warmup=1, calibrate=False, layers=layers, fallback=fallback)
+    assert report["fallback"] is fallback and report["layers"] == []
+    assert report["sparse_layer_count"] == (len(model.blocks) if layers == "sparse" and not fallback else 0)
+    with torch.no_grad():
+        model(images)
+    counter = FlopsCounter(model.graph)
+    expected = counter.reduction_pct(counter.macs_from_masks([r.mask for r in model.records()]).mean().item(), with_heads=True)
+    assert report["flops_reduction_pct"] == pytest.approx(float(expected), abs=1e-6)
+
+
+def test_dense_backbone_reports_no_reduction():
+    report = latency_report(create_model("smallnet", 10).eval(), noise_images(32, 2), warmup=1, calibrate=False)
+    assert report["flops_reduction_pct"] == 0.0 and math.isnan(report["ratio"])
+
+
+def test_eval_latency_prints_per_layer_times_in_json_and_plots(run_cli, tmp_path):
+    cfg = resolve("smoke", test_samples=8)
+    torch.manual_seed(0)
+    ftwt = runtime.wrap(create_model("smallnet", 10), cfg)
+    with torch.no_grad():
+        for head in ftwt.heads():  # keep the first half of every block's filters
+            head.proj.weight.zero_()
+            half = head.proj.out_features // 2
+            head.proj.bias[:half], head.proj.bias[half:] = 5.0, -5.0
+    save_checkpoint(tmp_path / "ftwt.pt", ftwt, runtime.ftwt_meta(cfg, 10, 0.9))
+    result = run_cli(
+        "eval", "--profile", "smoke", "--checkpoint", tmp_path / "ftwt.pt", "--samples", "8",
+        "--latency", "--latency-samples", "3", "--json", "--plots", tmp_path / "plots",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    latency = json.loads(result.stdout)["models"][0]["latency"]
+    assert len(latency["layers"]) == len(ftwt.blocks) and all(LAYER_FIELDS <= set(layer) for layer in latency["layers"])
+    assert latency["layers"][0]["keep"] == pytest.approx(0.5)
+    assert "per-layer latency" in result.stderr and "sparse µs" in result.stderr
+    assert (tmp_path / "plots" / "layer_latency.png").read_bytes()[:4] == b"\x89PNG"
