@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +31,25 @@ FORMAT = "ftwt"
 VERSION = 1
 
 
+def check_writable(path: str | Path, option: str = "output") -> None:
+    """BadInput unless ``path`` can be created: its nearest existing ancestor must be a writable folder."""
+    path = Path(path).expanduser().absolute()
+    ancestor = path if path.exists() else next(p for p in path.parents if p.exists())
+    if ancestor != path and not ancestor.is_dir():
+        raise BadInput(f"cannot write {option} {path}: {ancestor} is a file, not a folder (choose another path)")
+    folder = ancestor if ancestor.is_dir() else ancestor.parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise BadInput(f"cannot write {option} {path}: no permission to write in {folder} (choose another path)")
+
+
 def atomic_write_bytes(path: str | Path, write) -> None:
     """Call ``write(file_object)`` on a temporary file beside ``path``, then rename it into place."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:  # read-only file system, no permission, a file where a folder should be
+        raise BadInput(f"cannot write {path}: {exc.strerror or exc} (choose another path)") from None
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; results should honour the umask
         with os.fdopen(fd, "wb") as f:
@@ -67,30 +83,109 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict, train_state:
     atomic_write_bytes(path, lambda f: torch.save(payload, f))
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """Read and validate a checkpoint; any problem is a one-line :class:`BadInput`."""
+#: Keys under which training scripts commonly nest a state_dict ({"state_dict": ..., "epoch": ...}).
+NESTED_STATE_KEYS = ("state_dict", "model_state_dict", "model")
+HOW_TO_SAVE = "save weights with torch.save(model.state_dict(), PATH)"
+
+
+def load_checkpoint(path: str | Path, *, allow_state_dict: bool = False) -> dict:
+    """Read and validate a checkpoint; any problem is a one-line :class:`BadInput`.
+
+    With ``allow_state_dict`` a plain ``state_dict`` (``torch.save(model.state_dict(), PATH)``, also
+    nested under ``state_dict``/``model`` or saved from a DDP wrapper) is accepted and returned as
+    ``{"format": "state_dict", "meta": None, "model": state}``.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise BadInput(f"checkpoint {path} is a folder; give the .pt file (a run's best.pt, for instance)")
     if not path.is_file():
         raise BadInput(f"checkpoint not found: {path}")
+    payload = _torch_load(path)
+    if isinstance(payload, dict) and payload.get("format") == FORMAT and "model" in payload:
+        if payload.get("version") != VERSION:
+            raise BadInput(f"{path} has checkpoint version {payload.get('version')}, this ftwt reads {VERSION}")
+        return payload
+    state = _plain_state(payload)
+    if state is None:
+        raise BadInput(f"{path} holds neither an ftwt checkpoint nor a state_dict of tensors ({HOW_TO_SAVE})")
+    if not allow_state_dict:
+        raise BadInput(f"{path} holds plain weights (a state_dict); this needs an ftwt checkpoint from 'ftwt train'")
+    return {"format": "state_dict", "meta": None, "model": state}
+
+
+def _torch_load(path: Path) -> Any:
+    """``torch.load(weights_only=True)`` with its failures told apart in one line each."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if not magic:
+        raise BadInput(f"cannot read checkpoint {path}: the file is empty (0 bytes); {HOW_TO_SAVE}")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - truncated, corrupt or unsafe files all end here
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BadInput(f"cannot read checkpoint {path}: {first_line}") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT or "model" not in payload:
-        raise BadInput(f"{path} is not an ftwt checkpoint")
-    if payload.get("version") != VERSION:
-        raise BadInput(f"{path} has checkpoint version {payload.get('version')}, this ftwt reads {VERSION}")
-    return payload
+        with warnings.catch_warnings():  # torch warns about pickle protocols on files it then rejects
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        if magic.startswith(b"PK"):
+            raise BadInput(
+                f"cannot read checkpoint {path}: it holds Python objects besides tensors (a whole pickled model?) "
+                f"and ftwt loads weights only, running no code from files; {HOW_TO_SAVE}"
+            ) from None
+        raise BadInput(f"cannot read checkpoint {path}: it is not a PyTorch checkpoint; {HOW_TO_SAVE}") from None
+    except Exception:  # noqa: BLE001 - truncated zips, text files, random bytes
+        if magic.startswith(b"PK"):
+            raise BadInput(
+                f"cannot read checkpoint {path}: the file is truncated or corrupt (an interrupted copy or download?)"
+            ) from None
+        raise BadInput(f"cannot read checkpoint {path}: it is not a PyTorch checkpoint; {HOW_TO_SAVE}") from None
+
+
+def _plain_state(payload: Any) -> dict[str, torch.Tensor] | None:
+    """The tensors of a plain or nested state_dict, without a DDP ``module.`` prefix; None if it is not one."""
+    if not isinstance(payload, dict):
+        return None
+    if not _all_tensors(payload):
+        nested = [payload[k] for k in NESTED_STATE_KEYS if isinstance(payload.get(k), dict) and _all_tensors(payload[k])]
+        if not nested:
+            return None
+        payload = nested[0]
+    if payload and all(isinstance(k, str) and k.startswith("module.") for k in payload):
+        payload = {k[len("module.") :]: v for k, v in payload.items()}
+    return dict(payload)
+
+
+def _all_tensors(mapping: dict) -> bool:
+    return bool(mapping) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in mapping.items())
 
 
 def load_weights(model: nn.Module, state: dict, path: str | Path, what: str) -> None:
-    """Load a state dict strictly; a mismatch means the checkpoint is for another architecture."""
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        detail = " ".join(str(exc).split())
-        raise BadInput(f"checkpoint {path} does not fit {what}: {detail[:300]}") from None
+    """Load a state dict strictly; a mismatch is told as another architecture or another class count."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unknown = [k for k in state if k not in expected]
+    if missing or unknown:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} of {what}'s tensors are missing (e.g. {missing[0]})")
+        if unknown:
+            parts.append(f"{len(unknown)} are not {what}'s (e.g. {unknown[0]})")
+        raise BadInput(
+            f"checkpoint {path} does not fit {what}: {' and '.join(parts)}; it was saved from another architecture "
+            "(pass the --model it was trained with)"
+        )
+    wrong = [k for k, v in expected.items() if tuple(state[k].shape) != tuple(v.shape)]
+    if wrong:
+        last_module = next(reversed(expected)).rsplit(".", 1)[0]
+        if all(k.startswith(last_module + ".") for k in wrong):
+            key = wrong[0]
+            raise BadInput(
+                f"checkpoint {path} has {state[key].shape[0]} classes ({key} {list(state[key].shape)}) but {what} "
+                f"needs {expected[key].shape[0]} for this data (pass the --data it was trained on)"
+            )
+        key = wrong[0]
+        raise BadInput(
+            f"checkpoint {path} does not fit {what}: {key} is {list(state[key].shape)} in the file, "
+            f"{list(expected[key].shape)} in the model (another width or variant; pass the --model it was trained with)"
+        )
+    model.load_state_dict(state, strict=True)
 
 
 def _cpu_state(state: dict) -> dict:

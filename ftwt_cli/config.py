@@ -1,8 +1,11 @@
-"""Profiles (TOML files in ``profiles/``) and the resolved run configuration.
+"""Profiles (TOML files shipped in ``ftwt_cli/profiles/``) and the resolved run configuration.
 
 A profile sets every field of :class:`Config`; each CLI option overrides its field. Profile files may
 group fields in tables (``[dense]``, ``[dynamic]``) for readability; table keys are flattened with
 their table name as prefix except ``[dynamic]``, whose keys are the plain training fields.
+
+``--profile`` takes a shipped profile's name or the path of a TOML file of your own; the environment
+variable ``FTWT_PROFILES`` replaces the shipped folder.
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ except ModuleNotFoundError:  # Python 3.10
 
 from ftwt_cli.errors import BadInput
 
-PROFILE_DIR = Path(os.environ.get("FTWT_PROFILES", Path(__file__).resolve().parent.parent / "profiles"))
+# Package data, so that a wheel install finds the profiles and the quickstart checkpoint from any folder.
+PROFILE_DIR = Path(os.environ.get("FTWT_PROFILES") or Path(__file__).resolve().parent / "profiles")
 DEFAULT_PROFILE = "quickstart"
+MAX_RATIOS = 10_001  # 0:1:0.0001; finer grids only cost memory
 
 
 @dataclass
@@ -38,8 +43,11 @@ class Config:
     download: bool = False
     pretrained: bool = False
     checkpoint: str | None = None
-    samples: int = 0  # cap on training images used by a data pass (0: all)
-    test_samples: int = 0  # cap on test images (0: all)
+    samples: int = 0  # cap on training images of a planning pass: estimate, search (0: all)
+    train_samples: int = 0  # cap on the training images 'ftwt train' uses, held-out ones included (0: all)
+    test_samples: int = 0  # cap on test images evaluated (0: all)
+    val_fraction: float = 0.1  # training images held out (seeded): best.pt selection and budget calibration
+    sync_bn: bool = False  # SyncBatchNorm across torchrun processes (CUDA only)
     batch_size: int = 128
     workers: int = 0
     device: str = "auto"
@@ -49,6 +57,8 @@ class Config:
     r: float = 0.9
     target: str = "mass"
     head_softmax: bool = True
+    head_pool: str = "max"
+    head_norm: bool = False
     # dense baseline recipe
     dense_epochs: int = 200
     dense_lr: float = 0.1
@@ -64,6 +74,8 @@ class Config:
     mode: str = "decoupled"
     freeze_heads_after: float = 0.5
     head_init: str = "random"
+    head_warmup: int = 0  # epochs of head-only training on the frozen backbone before any mask is applied
+    calibrate: bool = True  # with --target-flops: per-layer head thresholds hit the budget after training
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -88,14 +100,25 @@ def list_profiles() -> list[tuple[str, str]]:
     return out
 
 
-def load_profile(name: str) -> Config:
+def profile_path(name: str) -> Path:
+    """A shipped profile by name, or a TOML file of the user's by path (``my.toml``, ``conf/run.toml``)."""
+    if name.endswith(".toml") or "/" in name or os.sep in name:
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise BadInput(f"profile file not found: {name} (give a TOML file or a profile name from 'ftwt profiles')")
+        return path
     path = PROFILE_DIR / f"{name}.toml"
     if not path.is_file():
         names = ", ".join(p.stem for p in sorted(PROFILE_DIR.glob("*.toml")))
-        raise BadInput(f"unknown profile {name!r}; available: {names}")
+        raise BadInput(f"unknown profile {name!r}; available: {names} (or the path of a .toml file)")
+    return path
+
+
+def load_profile(name: str) -> Config:
+    path = profile_path(name)
     try:
         raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise BadInput(f"profile {path} is not valid TOML: {exc}") from None
     flat: dict[str, Any] = {}
     for key, value in raw.items():
@@ -104,19 +127,47 @@ def load_profile(name: str) -> Config:
             flat.update({f"{prefix}{k}": v for k, v in value.items()})
         else:
             flat[key] = value
-    fields = {f.name for f in dataclasses.fields(Config)}
+    fields = {f.name for f in dataclasses.fields(Config)} - {"profile"}
     unknown = sorted(set(flat) - fields)
     if unknown:
-        raise BadInput(f"profile {name!r} has unknown fields: {', '.join(unknown)}")
+        raise BadInput(f"profile {path} has unknown fields: {', '.join(unknown)} (known: {', '.join(sorted(fields))})")
+    for key, value in flat.items():
+        _check_type(path, key, value)
     if flat.get("checkpoint"):
-        # Profile checkpoints are relative to the profiles folder, so the repository can move.
-        flat["checkpoint"] = str((PROFILE_DIR / flat["checkpoint"]).resolve())
-    return Config(profile=name, **flat)
+        # Profile checkpoints are relative to the profile's folder, so the package (or repository) can move.
+        flat["checkpoint"] = str((path.parent / flat["checkpoint"]).resolve())
+    return Config(profile=path.stem, **flat)
+
+
+def _check_type(path: Path, key: str, value: Any) -> None:
+    """A profile value must have its field's type (TOML ints are accepted where floats are expected)."""
+    default = getattr(Config(), key)
+    if key == "checkpoint" or isinstance(default, str):
+        ok, wanted = isinstance(value, str), "a string"
+    elif isinstance(default, bool):
+        ok, wanted = isinstance(value, bool), "true or false"
+    elif isinstance(default, int):
+        ok, wanted = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif isinstance(default, float):
+        ok, wanted = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    else:  # milestone lists
+        ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        wanted = "a list of integers"
+    if not ok:
+        raise BadInput(f"profile {path}: {key} must be {wanted}, got {value!r}")
 
 
 def resolve(profile: str | None, **overrides: Any) -> Config:
-    """The profile's configuration with CLI overrides applied and validated."""
-    config = load_profile(profile or DEFAULT_PROFILE).override(**overrides)
+    """The profile's configuration with CLI overrides applied and validated.
+
+    A ``model`` override that changes the profile's model also drops the profile's checkpoint (it holds
+    weights of the profile's model) and its ``pretrained`` (torchvision weights are per model) unless
+    they are given again.
+    """
+    base = load_profile(profile or DEFAULT_PROFILE)
+    if overrides.get("model") is not None and overrides["model"] != base.model:
+        base = dataclasses.replace(base, checkpoint=None, pretrained=False)
+    config = base.override(**overrides)
     validate(config)
     return config
 
@@ -124,18 +175,26 @@ def resolve(profile: str | None, **overrides: Any) -> Config:
 def validate(c: Config) -> None:
     if c.batch_size < 1:
         raise BadInput(f"--batch-size must be at least 1, got {c.batch_size}")
-    if c.samples < 0 or c.test_samples < 0:
+    if c.samples < 0 or c.train_samples < 0 or c.test_samples < 0:
         raise BadInput("--samples must be 0 (all) or positive")
+    if c.workers < 0:
+        raise BadInput(f"--workers must be 0 (load in the main process) or positive, got {c.workers}")
+    if not (0.0 <= c.val_fraction < 1.0) or math.isnan(c.val_fraction):
+        raise BadInput(f"--val-fraction must be in [0, 1) (0: no validation split), got {c.val_fraction:g}")
     if not (0.0 < c.r <= 1.0):
         raise BadInput(f"r must be in (0, 1], got {c.r}")
     if c.mode not in ("decoupled", "joint"):
         raise BadInput(f"--mode must be decoupled or joint, got {c.mode!r}")
     if c.target not in ("mass", "topk"):
         raise BadInput(f"target must be mass or topk, got {c.target!r}")
-    if c.device not in ("auto", "cpu", "cuda") and not c.device.startswith("cuda:"):
-        raise BadInput(f"--device must be auto, cpu or cuda, got {c.device!r}")
+    if c.device not in ("auto", "cpu", "cuda") and not (c.device.startswith("cuda:") and c.device[5:].isdigit()):
+        raise BadInput(f"--device must be auto, cpu, cuda or cuda:N, got {c.device!r}")
     if not (0.0 <= c.freeze_heads_after <= 1.0):
         raise BadInput(f"--freeze-heads-after must be in [0, 1], got {c.freeze_heads_after}")
+    if c.head_warmup < 0:
+        raise BadInput(f"--head-warmup must be 0 or more epochs, got {c.head_warmup}")
+    if c.head_pool not in ("max", "avg"):
+        raise BadInput(f"--head-pool must be max or avg, got {c.head_pool!r}")
     if c.head_init not in ("random", "ones"):
         raise BadInput(f"--head-init must be random or ones, got {c.head_init!r}")
     parse_ratios(c.ratios)
@@ -151,6 +210,8 @@ def parse_ratios(text: str) -> list[float]:
                 raise ValueError
             start, stop, step = parts
             count = int(math.floor((stop - start) / step + 1e-9)) + 1
+            if count > MAX_RATIOS:
+                raise BadInput(f"--ratios {text} gives {count} values; use a larger step (at most {MAX_RATIOS} values)")
             values = [round(start + i * step, 10) for i in range(count)]
         else:
             values = [float(p) for p in text.split(",") if p.strip()]
@@ -160,7 +221,7 @@ def parse_ratios(text: str) -> list[float]:
         raise BadInput("--ratios is empty")
     bad = [v for v in values if not (0.0 < v <= 1.0)]
     if bad:
-        raise BadInput(f"r must be in (0, 1], got {bad[0]}")
+        raise BadInput(f"r must be in (0, 1] (1 keeps all the mass), got {bad[0]}")
     return sorted(set(values))
 
 
@@ -168,5 +229,8 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise BadInput("--device cuda requested but no CUDA device is available")
-    return torch.device(name)
+        raise BadInput("--device cuda requested but no CUDA device is available (use --device cpu)")
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise BadInput(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device

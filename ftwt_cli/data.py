@@ -20,6 +20,7 @@ from ftwt_cli.errors import BadInput
 CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+LAYOUT = "imagefolder:PATH needs PATH/train/CLASS/IMAGE and PATH/test/CLASS/IMAGE (or val/)"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
 
@@ -159,31 +160,51 @@ def build_dataset(
             hint = "" if download else "; pass --download to fetch it"
             raise BadInput(f"{spec.kind} not found under {root} ({exc}){hint}") from None
     folder = _split_dir(spec, split)
-    dataset = datasets.ImageFolder(str(folder), transform=transform, loader=_decode_image)
+    if split != "train":  # labels are class-folder indices: both splits need the same class folders
+        train_classes, classes = _imagefolder_classes(_split_dir(spec, "train")), _imagefolder_classes(folder)
+        if classes != train_classes:
+            extra = sorted(set(classes) ^ set(train_classes))
+            raise BadInput(
+                f"{folder} and {spec.path / 'train'} have different class folders (e.g. {extra[0]!r}); "
+                "give both the same class subfolders"
+            )
+    try:
+        dataset = datasets.ImageFolder(
+            str(folder), transform=transform, loader=_decode_image, is_valid_file=_is_image_file
+        )
+    except FileNotFoundError as exc:  # a class folder without images
+        raise BadInput(f"{folder}: {exc} (every class subfolder needs images, or remove it)") from None
     if len(dataset) == 0:
-        raise BadInput(f"no images in {folder}")
+        raise BadInput(f"no images in {folder} (expected {folder}/CLASS/IMAGE.png)")
     return dataset
 
 
 def _split_dir(spec: DataSpec, split: str) -> Path:
     root = spec.path
     if root is None or not root.is_dir():
-        raise BadInput(f"data folder not found: {root}")
+        raise BadInput(f"data folder not found: {root} ({LAYOUT})")
     names = ["train"] if split == "train" else ["test", "val"]
     for name in names:
         if (root / name).is_dir():
             if not _imagefolder_classes(root / name):
-                raise BadInput(f"data folder {root / name} has no class subfolders with images")
+                raise BadInput(f"data folder {root / name} has no class subfolders with images ({LAYOUT})")
             return root / name
-    raise BadInput(f"data folder {root} has no {' or '.join(n + '/' for n in names)} subfolder")
+    raise BadInput(f"data folder {root} has no {' or '.join(n + '/' for n in names)} subfolder ({LAYOUT})")
+
+
+def _is_image_file(path: str) -> bool:
+    return Path(path).suffix.lower() in IMAGE_SUFFIXES
 
 
 def _imagefolder_classes(folder: Path) -> list[str]:
-    return sorted(
-        d.name
-        for d in folder.iterdir()
-        if d.is_dir() and any(f.suffix.lower() in IMAGE_SUFFIXES for f in d.iterdir())
-    )
+    try:
+        return sorted(
+            d.name
+            for d in folder.iterdir()
+            if d.is_dir() and any(f.suffix.lower() in IMAGE_SUFFIXES for f in d.iterdir())
+        )
+    except PermissionError as exc:
+        raise BadInput(f"cannot read data folder {exc.filename}: permission denied") from None
 
 
 def _decode_image(path: str):
@@ -193,8 +214,11 @@ def _decode_image(path: str):
         with open(path, "rb") as f:
             image = Image.open(f)
             return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise BadInput(f"cannot decode image {path}: {exc}") from None
+    except UnidentifiedImageError:
+        raise BadInput(f"cannot decode image {path}: not an image file PIL can read (remove or replace the file)") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        detail = " ".join(str(exc).split())[:150]
+        raise BadInput(f"cannot decode image {path}: {detail} (remove or replace the file)") from None
 
 
 def subset(dataset: Dataset, samples: int | None, seed: int = 0) -> Dataset:

@@ -24,7 +24,8 @@ from torchvision.transforms.v2 import functional as TF
 
 from ftwt_cli.console import progress_bar
 from ftwt_cli.flops import FlopsCounter
-from ftwt_cli.gating import FTWTModel, Target, make_target
+from ftwt_cli.gating import FTWTModel, HeadSpec, Target, make_target, truth_masks
+from ftwt_cli.metrics import DistinctRows, LayerStats, MaskStats  # noqa: F401 - re-exported
 from ftwt_cli.graph import ModelGraph, analyze
 from ftwt_cli.runtime import LoadedModel
 
@@ -137,78 +138,8 @@ class ScoreAccumulator:
 # Mask analysis
 
 
-class DistinctRows:
-    """Counts distinct rows of boolean [N, C] batches. Rows are packed to bytes (C/8 per row) and kept in a
-    set, so memory grows with the number of distinct masks, not with the number of samples."""
-
-    def __init__(self) -> None:
-        self._seen: set[bytes] = set()
-
-    def add(self, masks: torch.Tensor) -> None:
-        packed = np.packbits(masks.detach().to("cpu", torch.bool).numpy(), axis=1)
-        self._seen.update(map(bytes, packed))
-
-    def __len__(self) -> int:
-        return len(self._seen)
-
-
-@dataclass
-class LayerStats:
-    name: str
-    channels: int
-    keep_ratio: float  # mean fraction of channels kept per sample
-    head_accuracy: float | None  # agreement of the applied mask with the ground truth (None: dense)
-    clusters: int  # distinct masks over the evaluated samples
-    core_fraction: float  # fraction of channels kept by every sample
-
-
-class MaskAccumulator:
-    """Streaming per-layer mask statistics and per-sample MACs of the masks actually applied."""
-
-    def __init__(self, counter: FlopsCounter, names: list[str]) -> None:
-        self.counter = counter
-        self.names = names
-        blocks = counter.graph.blocks
-        self.channels = [b.out_channels for b in blocks]
-        self.samples = 0
-        self.macs_sum = 0.0
-        self.kept_sum = [0.0] * len(blocks)
-        self.agree_sum: list[float] | None = None
-        self.core: list[torch.Tensor | None] = [None] * len(blocks)
-        self.distinct = [DistinctRows() for _ in blocks]
-
-    def update(self, masks: list[torch.Tensor], truth: list[torch.Tensor] | None = None) -> None:
-        """``masks``: applied bool masks [N, C_b] per block; ``truth``: ground-truth masks, if any."""
-        self.samples += masks[0].shape[0]
-        self.macs_sum += float(self.counter.macs_from_masks(masks).sum())
-        for b, mask in enumerate(masks):
-            self.kept_sum[b] += float(mask.float().mean(dim=1).sum())
-            always = mask.all(dim=0)
-            self.core[b] = always if self.core[b] is None else self.core[b] & always
-            self.distinct[b].add(mask)
-        if truth is not None:
-            if self.agree_sum is None:
-                self.agree_sum = [0.0] * len(masks)
-            for b, (mask, goal) in enumerate(zip(masks, truth)):
-                self.agree_sum[b] += float((mask == goal).float().mean(dim=1).sum())
-
-    @property
-    def mean_macs(self) -> float:
-        return self.macs_sum / max(self.samples, 1)
-
-    def layers(self) -> list[LayerStats]:
-        n = max(self.samples, 1)
-        return [
-            LayerStats(
-                name=name,
-                channels=channels,
-                keep_ratio=self.kept_sum[b] / n,
-                head_accuracy=None if self.agree_sum is None else self.agree_sum[b] / n,
-                clusters=len(self.distinct[b]),
-                core_fraction=float(self.core[b].float().mean()) if self.core[b] is not None else 1.0,
-            )
-            for b, (name, channels) in enumerate(zip(self.names, self.channels))
-        ]
+# Mask statistics live in ftwt_cli.metrics (shared with training); the old names stay importable.
+MaskAccumulator = MaskStats
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -216,13 +147,19 @@ class MaskAccumulator:
 
 
 def describe(meta: dict) -> str:
-    """A short label for tables and legends: ``dense`` or ``ftwt r=0.9`` (+ ``no-softmax``)."""
+    """A short label for tables and legends: ``dense``, or ``ftwt r=0.9`` plus every choice that differs
+    from the paper's defaults (target rule, joint mode, head options) and ``calibrated`` (Table 3 columns)."""
     if meta.get("kind") != "ftwt":
         return str(meta.get("kind", "dense"))
-    label = f"ftwt r={meta.get('r'):.4g}" if meta.get("r") is not None else "ftwt"
+    parts = [f"ftwt r={meta.get('r'):.4g}" if meta.get("r") is not None else "ftwt"]
     if meta.get("target", "mass") != "mass":
-        label += f" {meta['target']}"
-    return label if meta.get("head_softmax", True) else label + " no-softmax"
+        parts.append(str(meta["target"]))
+    if meta.get("mode", "decoupled") != "decoupled":
+        parts.append(str(meta["mode"]))
+    parts.append(HeadSpec.from_meta(meta).label)
+    if meta.get("calibration"):
+        parts.append("calibrated")
+    return " ".join(p for p in parts if p)
 
 
 class EvaluatedModel:
@@ -262,8 +199,12 @@ class EvaluatedModel:
             return logits, ones, None
         records = self.model.records()
         masks = [rec.mask > 0 for rec in records]
-        truth = [self.target.mask(rec.response) for rec in records]
+        truth = truth_masks(records, self.target)
         return logits, masks, truth
+
+    def head_logits(self) -> list[torch.Tensor] | None:
+        """The heads' logits of the last analysed forward pass (None for a dense model)."""
+        return [rec.logits for rec in self.model.records()] if self.target is not None else None
 
     def release(self) -> nn.Module:
         """Stop recording and hand back the model in eval mode on the CPU (for latency measurements)."""
@@ -292,6 +233,8 @@ class ModelReport:
     r: float | None
     target: str | None
     head_softmax: bool | None
+    head_pool: str | None
+    head_norm: bool | None
     samples: int
     top1: float
     top5: float
@@ -313,22 +256,30 @@ class ModelReport:
         return doc
 
 
-def estimate_vs_reached(meta: dict, reached_pct: float) -> dict | None:
-    """The paper's Table 4 row: the reduction the estimate promised before training and the one measured."""
+def estimate_vs_reached(meta: dict, reached_pct: float, reached_with_heads_pct: float) -> dict | None:
+    """The paper's Table 4 row, for runs trained with a FLOPs target: the target, the reduction the estimate
+    promised before training, and the one measured here (with and without the heads' own MACs), plus what
+    calibration aimed at when the checkpoint was calibrated."""
     est = meta.get("estimate")
+    calibration = meta.get("calibration") or {}
     if not isinstance(est, dict) or est.get("estimated_reduction_pct") is None:
-        return None
-    estimated = float(est["estimated_reduction_pct"])
+        if not calibration:
+            return None
+        est = {}
+    estimated = est.get("estimated_reduction_pct")
+    target = est.get("target", calibration.get("target_pct"))
     return {
-        "target": est.get("target"),
+        "target": target,
         "chosen_r": est.get("chosen_r"),
         "estimated_reduction_pct": estimated,
         "reached_reduction_pct": reached_pct,
-        "difference_pct": reached_pct - estimated,
+        "reached_with_heads_pct": reached_with_heads_pct,
+        "difference_pct": reached_with_heads_pct - target if target is not None else None,
+        "calibrated": bool(calibration),
     }
 
 
-def _report(model: EvaluatedModel, scores: Scores, masks: MaskAccumulator) -> ModelReport:
+def _report(model: EvaluatedModel, scores: Scores, masks: MaskStats) -> ModelReport:
     meta = model.loaded.meta
     ftwt = model.target is not None
     counter = model.counter
@@ -339,7 +290,9 @@ def _report(model: EvaluatedModel, scores: Scores, masks: MaskAccumulator) -> Mo
         kind=meta.get("kind", "dense"),
         r=meta.get("r") if ftwt else None,
         target=meta.get("target", "mass") if ftwt else None,
-        head_softmax=meta.get("head_softmax", True) if ftwt else None,
+        head_softmax=HeadSpec.from_meta(meta).softmax if ftwt else None,
+        head_pool=HeadSpec.from_meta(meta).pool if ftwt else None,
+        head_norm=HeadSpec.from_meta(meta).norm if ftwt else None,
         samples=scores.samples,
         top1=scores.top1,
         top5=scores.top5,
@@ -350,7 +303,9 @@ def _report(model: EvaluatedModel, scores: Scores, masks: MaskAccumulator) -> Mo
         flops_reduction_pct=reduction,
         flops_reduction_with_heads_pct=float(counter.reduction_pct(masks.mean_macs, with_heads=True)) if ftwt else None,
         layers=masks.layers(),
-        estimate=estimate_vs_reached(meta, reduction) if ftwt else None,
+        estimate=estimate_vs_reached(meta, reduction, float(counter.reduction_pct(masks.mean_macs, with_heads=True)))
+        if ftwt
+        else None,
     )
 
 
@@ -375,9 +330,9 @@ def _pass(
     device: torch.device,
     seed: int,
     analyse: bool,
-) -> tuple[list[ScoreAccumulator], list[MaskAccumulator]]:
+) -> tuple[list[ScoreAccumulator], list[MaskStats]]:
     scores = [ScoreAccumulator() for _ in models]
-    masks = [MaskAccumulator(m.counter, m.block_names) for m in models] if analyse else []
+    masks = [MaskStats(m.counter, m.block_names) for m in models] if analyse else []
     total = len(loader) if hasattr(loader, "__len__") else None
     with torch.no_grad(), progress_bar(f"eval {perturbation.label}", total) as advance:
         for batch_index, (images, labels) in enumerate(loader):
@@ -388,7 +343,7 @@ def _pass(
                 logits, applied, truth = model.forward(inputs, analyse)
                 scores[i].update(logits, labels)
                 if analyse:
-                    masks[i].update(applied, truth)
+                    masks[i].update(applied, truth, model.head_logits())
             advance()
     return scores, masks
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -133,22 +133,82 @@ def make_target(kind: str, value: float) -> Target:
     raise ValueError(f"unknown target kind {kind!r} (expected 'mass' or 'topk')")
 
 
+HEAD_POOLS = ("max", "avg")
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """How a decision head reads its block input; recorded in checkpoints and run directories.
+
+    ``pool``: global ``max`` pooling (the paper's text) or ``avg`` (what the authors' public code does).
+    ``softmax``: softmax over channels (the paper). ``norm``: standardise each pooled channel with batch
+    statistics before the 1×1 conv (running statistics at inference, foldable into the conv, so free).
+    The norm exists because the softmax of C pooled maps is ≈ 1/C per channel and varies across images
+    by a few thousandths: without rescaling, SGD barely moves the head off its bias and the masks
+    become a static per-channel vote (see README, "Budget fidelity").
+    """
+
+    pool: str = "max"
+    softmax: bool = True
+    norm: bool = False
+
+    def __post_init__(self) -> None:
+        if self.pool not in HEAD_POOLS:
+            raise ValueError(f"head pool must be one of {HEAD_POOLS}, got {self.pool!r}")
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "HeadSpec":
+        """Checkpoints written before these options existed hold only ``head_softmax``."""
+        return cls(meta.get("head_pool", "max"), bool(meta.get("head_softmax", True)), bool(meta.get("head_norm", False)))
+
+    def to_meta(self) -> dict:
+        return {"head_pool": self.pool, "head_softmax": self.softmax, "head_norm": self.norm}
+
+    @property
+    def label(self) -> str:
+        """Short description for tables: the parts that differ from the paper's head."""
+        parts = [] if self.pool == "max" else ["avg-pool"]
+        parts += [] if self.softmax else ["no-softmax"]
+        parts += ["head-norm"] if self.norm else []
+        return " ".join(parts)
+
+
 class DecisionHead(nn.Module):
-    """f_p: GMP over the block input → softmax over channels (optional) → 1×1 conv with bias → logits.
+    """f_p: global pool of the block input → softmax over channels (optional) → optional per-channel
+    standardisation → 1×1 conv with bias → logits, plus a per-filter ``logit_offset`` (zero unless the
+    model was calibrated to a FLOPs budget, see :mod:`ftwt_cli.calibrate`).
 
     The 1×1 conv acts on a 1×1 map, so it is stored as the equivalent ``nn.Linear``.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, softmax: bool = True) -> None:
+    def __init__(self, in_channels: int, out_channels: int, spec: HeadSpec = HeadSpec()) -> None:
         super().__init__()
-        self.softmax = softmax
+        self.pool = spec.pool
+        self.softmax = spec.softmax
+        self.norm = nn.BatchNorm1d(in_channels, affine=False) if spec.norm else None
         self.proj = nn.Linear(in_channels, out_channels)
+        self.register_buffer("logit_offset", torch.zeros(out_channels))
+
+    def pooled(self, block_input: torch.Tensor) -> torch.Tensor:
+        """The head's input vector [N, C_in]: pooled, softmaxed if configured (before the norm)."""
+        pooled = block_input.amax(dim=(2, 3)) if self.pool == "max" else block_input.mean(dim=(2, 3))
+        return pooled.softmax(dim=1) if self.softmax else pooled
 
     def forward(self, block_input: torch.Tensor) -> torch.Tensor:
-        pooled = block_input.amax(dim=(2, 3))
-        if self.softmax:
-            pooled = pooled.softmax(dim=1)
-        return self.proj(pooled)
+        x = self.pooled(block_input)
+        if self.norm is not None:
+            x = self.norm(x)
+        return self.proj(x) + self.logit_offset
+
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight, bias) of the inference-time affine map after :meth:`pooled`: the norm's running
+        statistics and the calibration offset folded into the 1×1 conv (what the sparse engine runs)."""
+        weight, bias = self.proj.weight.detach(), self.proj.bias.detach()
+        if self.norm is not None:
+            scale = (self.norm.running_var + self.norm.eps).rsqrt()
+            bias = bias - weight @ (self.norm.running_mean * scale)
+            weight = weight * scale
+        return weight.clone(), (bias + self.logit_offset).clone()
 
     @property
     def macs(self) -> int:
@@ -175,8 +235,9 @@ class BlockRecord:
 
 
 #: How a gated block decides its mask. ``dense``: none (the plain backbone); ``predicted``: the head's
-#: binary mask (training and inference); ``target``: the ground truth itself (cascaded estimates).
-MASK_SOURCES = ("dense", "predicted", "target")
+#: binary mask (training and inference); ``target``: the ground truth itself (cascaded estimates);
+#: ``observed``: the heads predict and their masks are recorded, but nothing is applied (head warm-up).
+MASK_SOURCES = ("dense", "predicted", "target", "observed")
 
 
 class GatedBlock(nn.Module):
@@ -225,7 +286,7 @@ class GatedBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         source = self.mask_source
         logits = None
-        if source == "predicted":
+        if source in ("predicted", "observed"):
             logits = self.head(x.detach() if self.detach_head_input else x)
         y = self.bn(self.conv(x))
         response = self.response(y) if (self.record or source == "target") else None
@@ -238,7 +299,7 @@ class GatedBlock(nn.Module):
             mask = binarize(logits, self.straight_through and self.training)
         if self.record:
             self.last = BlockRecord(logits=logits, response=response, mask=mask)
-        return y if mask is None else y * mask[:, :, None, None]
+        return y if mask is None or source == "observed" else y * mask[:, :, None, None]
 
 
 class FTWTModel(nn.Module):
@@ -247,17 +308,17 @@ class FTWTModel(nn.Module):
     ``forward`` returns the backbone's logits; :meth:`records` returns what every block saw.
     """
 
-    def __init__(self, backbone: nn.Module, input_size: tuple[int, int], head_softmax: bool = True):
+    def __init__(self, backbone: nn.Module, input_size: tuple[int, int], head: HeadSpec = HeadSpec()):
         super().__init__()
-        from ftwt_cli.graph import analyze  # local import: graph imports GatedBlock from here
+        from ftwt_cli.graph import analyze
 
         self.graph = analyze(backbone, input_size)
-        self.head_softmax = head_softmax
+        self.head_spec = head
         blocks: list[GatedBlock] = []
         for spec in self.graph.blocks:
             conv = backbone.get_submodule(spec.conv)
             bn = backbone.get_submodule(spec.bn)
-            head = DecisionHead(conv.in_channels, conv.out_channels, softmax=head_softmax)
+            head = DecisionHead(conv.in_channels, conv.out_channels, self.head_spec)
             head.to(device=conv.weight.device, dtype=conv.weight.dtype)
             block = GatedBlock(conv, bn, head, spec.activation, spec.monotone_activation)
             replace_submodule(backbone, spec.conv, block)
@@ -274,12 +335,14 @@ class FTWTModel(nn.Module):
         *,
         mask_source: str | None = None,
         record: bool | None = None,
-        target: Target | None = None,
+        target: Target | Sequence[Target] | None = None,
         decoupled: bool | None = None,
     ) -> "FTWTModel":
+        """Set how every block masks and records. ``target`` is one rule for all blocks or one per block."""
         if mask_source is not None and mask_source not in MASK_SOURCES:
             raise ValueError(f"mask_source must be one of {MASK_SOURCES}, got {mask_source!r}")
-        for block in self.blocks:
+        targets = per_block(target, len(self.blocks)) if target is not None else [None] * len(self.blocks)
+        for block, target in zip(self.blocks, targets):
             if mask_source is not None:
                 block.mask_source = mask_source
             if record is not None:
@@ -299,6 +362,12 @@ class FTWTModel(nn.Module):
             raise RuntimeError("no block records: call configure(record=True) before the forward pass")
         return [b.last for b in self.blocks]  # type: ignore[misc]
 
+    def targets(self) -> list[Target]:
+        """Each block's target rule (set by :meth:`configure`)."""
+        if any(b.target is None for b in self.blocks):
+            raise RuntimeError("no target rule: call configure(target=...) first")
+        return [b.target for b in self.blocks]  # type: ignore[misc]
+
     def heads(self) -> list[DecisionHead]:
         return [b.head for b in self.blocks]
 
@@ -310,13 +379,27 @@ class FTWTModel(nn.Module):
         return [p for p in self.parameters() if id(p) not in head_ids]
 
 
-def head_loss(records: list[BlockRecord], target: Target) -> torch.Tensor:
-    """Mean over blocks of (Σ over filters of BCEWithLogits(P, g), averaged over the batch)."""
+def per_block(target: Target | Sequence[Target], blocks: int) -> list[Target]:
+    """One target rule per block from a shared rule or a per-block list."""
+    if isinstance(target, Sequence):
+        if len(target) != blocks:
+            raise ValueError(f"expected {blocks} per-block targets, got {len(target)}")
+        return list(target)
+    return [target] * blocks
+
+
+def truth_masks(records: list[BlockRecord], target: Target | Sequence[Target]) -> list[torch.Tensor]:
+    """The ground-truth keep mask [N, C] of every block, from its unmasked response."""
+    return [t.mask(rec.response) for rec, t in zip(records, per_block(target, len(records)))]
+
+
+def head_loss(records: list[BlockRecord], truth: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over blocks of (Σ over filters of BCEWithLogits(P, g), averaged over the batch);
+    ``truth`` holds each block's ground-truth mask (:func:`truth_masks`)."""
     losses = []
-    for rec in records:
+    for rec, goal in zip(records, truth):
         assert rec.logits is not None, "head loss needs logits: record in training mode"
-        goal = target.mask(rec.response).to(rec.logits.dtype)
-        per_sample = F.binary_cross_entropy_with_logits(rec.logits, goal, reduction="none").sum(dim=1)
+        per_sample = F.binary_cross_entropy_with_logits(rec.logits, goal.to(rec.logits.dtype), reduction="none").sum(dim=1)
         losses.append(per_sample.mean())
     return torch.stack(losses).mean()
 

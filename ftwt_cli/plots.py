@@ -95,6 +95,28 @@ def plot_clusters(reports, path: str | Path, title: str = "") -> None:
     save_figure(fig, path)
 
 
+def plot_layer_budget(reports, path: str | Path, title: str = "") -> None:
+    """Per layer, the fraction of filters the ground truth keeps (target) next to what the heads keep
+    (reached): where a missed FLOPs budget went."""
+    gated = [r for r in reports if any(layer.target_keep_ratio is not None for layer in r.layers)]
+    fig, axes = plt.subplots(len(gated), 1, figsize=(10, 3.2 * len(gated)), squeeze=False)
+    for ax, report in zip(axes[:, 0], gated):
+        names = [layer.name for layer in report.layers]
+        x = range(len(names))
+        ax.plot(x, [layer.target_keep_ratio for layer in report.layers], "o-", label="target (ground truth)")
+        ax.plot(x, [layer.keep_ratio for layer in report.layers], "s-", label="reached (heads)")
+        if len(names) <= 40:
+            ax.set_xticks(list(x), names, rotation=90, fontsize=7)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_ylabel("fraction of filters kept")
+        ax.set_title(f"{title} {report.label}: target vs reached keep rate per layer".strip())
+        ax.grid(alpha=0.3)
+        ax.legend()
+    axes[-1, 0].set_xlabel("gated layer (execution order)")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
 def plot_layer_latency(reports, path: str | Path, title: str = "") -> None:
     """Per conv, dense vs sparse time measured by the engine at build time (one panel per model with a
     latency report); gray bars and "(dense)" labels mark the convs where the engine kept its dense conv."""

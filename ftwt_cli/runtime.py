@@ -7,15 +7,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torchvision
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from ftwt_cli import checkpoint as ckpt
 from ftwt_cli.config import Config
 from ftwt_cli.data import DataSpec, build_dataset, num_classes_of, parse_data, subset
 from ftwt_cli.errors import BadInput
-from ftwt_cli.gating import FTWTModel
+from ftwt_cli.gating import FTWTModel, HeadSpec
 from ftwt_cli.models import REGISTRY, create_model, input_size_for, is_user_model
+
+
+#: ``--checkpoint torchvision`` / ``--init torchvision``: torchvision's pretrained weights of the model.
+TORCHVISION = "torchvision"
 
 
 @dataclass
@@ -46,8 +51,11 @@ def input_size(cfg: Config) -> tuple[int, int]:
     return input_size_for(cfg.model, (224, 224) if family(cfg) == "imagenet" else (32, 32))
 
 
-def dataset(cfg: Config, split: str, *, augment: bool = False, normalize: bool = True, cap: bool = True) -> Dataset:
-    """The split with the family's transforms, capped to ``samples``/``test_samples`` when ``cap``."""
+def dataset(
+    cfg: Config, split: str, *, augment: bool = False, normalize: bool = True, cap: bool = True, limit: int | None = None
+) -> Dataset:
+    """The split with the family's transforms, capped to ``limit`` (default: ``samples`` for the training
+    split, a planning pass; ``test_samples`` for the test split) when ``cap``."""
     ds = build_dataset(
         data_spec(cfg),
         split,
@@ -58,8 +66,30 @@ def dataset(cfg: Config, split: str, *, augment: bool = False, normalize: bool =
         download=cfg.download,
         seed=cfg.seed,
     )
-    limit = (cfg.samples if split == "train" else cfg.test_samples) if cap else 0
-    return subset(ds, limit, seed=cfg.seed)
+    if limit is None:
+        limit = cfg.samples if split == "train" else cfg.test_samples
+    return subset(ds, limit if cap else 0, seed=cfg.seed)
+
+
+def holdout_indices(size: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(training, held-out) indices: a seeded ``fraction`` of ``size`` items (at least one) held out."""
+    if fraction <= 0:
+        return list(range(size)), []
+    held = max(1, round(fraction * size))
+    if held >= size:
+        raise BadInput(f"--val-fraction {fraction:g} leaves no training images out of {size}")
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed + 7919)).tolist()
+    return sorted(order[held:]), sorted(order[:held])
+
+
+def training_splits(cfg: Config, augment: bool = True) -> tuple[Dataset, Dataset | None]:
+    """The training images (augmented) and the held-out validation images (plain transforms, None when
+    ``val_fraction`` is 0), carved from the training split capped to ``train_samples``, with the run's seed."""
+    train = dataset(cfg, "train", augment=augment, limit=cfg.train_samples)
+    keep, held = holdout_indices(len(train), cfg.val_fraction, cfg.seed)
+    if not held:
+        return train, None
+    return Subset(train, keep), Subset(dataset(cfg, "train", limit=cfg.train_samples), held)
 
 
 def num_classes(cfg: Config) -> int:
@@ -77,32 +107,72 @@ def dense_meta(cfg: Config, classes: int) -> dict:
 
 
 def ftwt_meta(cfg: Config, classes: int, r: float) -> dict:
-    return {**dense_meta(cfg, classes), "kind": "ftwt", "r": r, "target": cfg.target, "head_softmax": cfg.head_softmax, "mode": cfg.mode}
+    return {
+        **dense_meta(cfg, classes),
+        "kind": "ftwt",
+        "r": r,
+        "target": cfg.target,
+        **head_spec(cfg).to_meta(),
+        "mode": cfg.mode,
+        # which training images the run held out (ftwt calibrate reuses them)
+        "samples": cfg.samples,
+        "train_samples": cfg.train_samples,
+        "val_fraction": cfg.val_fraction,
+        "seed": cfg.seed,
+    }
 
 
-def wrap(backbone: nn.Module, cfg: Config, head_softmax: bool | None = None) -> FTWTModel:
-    return FTWTModel(backbone, input_size(cfg), head_softmax=cfg.head_softmax if head_softmax is None else head_softmax)
+def head_spec(cfg: Config) -> HeadSpec:
+    return HeadSpec(pool=cfg.head_pool, softmax=cfg.head_softmax, norm=cfg.head_norm)
+
+
+def wrap(backbone: nn.Module, cfg: Config) -> FTWTModel:
+    return FTWTModel(backbone, input_size(cfg), head=head_spec(cfg))
+
+
+def initial_weights(cfg: Config, given: str | None) -> str | None:
+    """The dense weights an FTWT run starts from: ``--init``, else the profile's checkpoint, else
+    torchvision's pretrained weights when the profile says ``pretrained = true``."""
+    return given or cfg.checkpoint or (TORCHVISION if cfg.pretrained else None)
+
+
+def how_to_get_weights(cfg: Config) -> str:
+    return (
+        f"pass --checkpoint FILE (an ftwt checkpoint, or {cfg.model}'s weights saved with "
+        f"torch.save(model.state_dict(), FILE)) or train them with 'ftwt train --dense --model {cfg.model}'"
+    )
 
 
 def load_model(cfg: Config, path: str | None, *, require: str | None = None, warn_untrained: bool = True) -> LoadedModel:
-    """The model of ``path`` (an ftwt checkpoint) or, with no path, the initialised dense ``cfg.model``.
+    """The model of ``path`` or, with no path, the initialised dense ``cfg.model``.
 
+    ``path`` is an ftwt checkpoint, a plain state_dict of ``cfg.model`` (dense weights for the data's
+    classes) or ``torchvision`` (torchvision's pretrained weights of ``cfg.model``, which is also what
+    ``pretrained = true`` means without a path); all three go through the same checks.
     ``require`` = "dense" or "ftwt" rejects the other kind with a one-line error.
     """
+    if path is None and cfg.pretrained:
+        path = TORCHVISION
+    if path is None and require == "ftwt":
+        raise BadInput("this command needs an FTWT checkpoint (--checkpoint from 'ftwt train --r ...')")
+    classes = num_classes(cfg)  # before any download: a missing data folder is the first thing to fix
     if path is None:
-        classes = num_classes(cfg)
         if warn_untrained:
             warnings.warn(
                 f"no checkpoint: running on initialised {cfg.model} weights; estimates mean something only "
-                "for a trained dense model (pass --checkpoint)",
+                f"for a trained dense model: {how_to_get_weights(cfg)}",
                 stacklevel=2,
             )
-        model = create_model(cfg.model, classes, pretrained=cfg.pretrained)
-        if require == "ftwt":
-            raise BadInput("this command needs an FTWT checkpoint (--checkpoint from 'ftwt train --r ...')")
+        model = create_model(cfg.model, classes)
         return LoadedModel(model, dense_meta(cfg, classes), None)
-    payload = ckpt.load_checkpoint(path)
+    if path == TORCHVISION:
+        path = str(pretrained_weights(cfg.model))
+    payload = ckpt.load_checkpoint(path, allow_state_dict=require != "ftwt")
     meta = payload["meta"]
+    if meta is None:  # plain weights: the dense cfg.model for the data's classes
+        model = create_model(cfg.model, classes)
+        ckpt.load_weights(model, payload["model"], path, cfg.model)
+        return LoadedModel(model, {**dense_meta(cfg, classes), "weights": "state_dict"}, str(Path(path)))
     if meta.get("model") != cfg.model:
         raise BadInput(
             f"checkpoint {path} is for model {meta.get('model')!r}, but the configuration says {cfg.model!r} "
@@ -110,9 +180,42 @@ def load_model(cfg: Config, path: str | None, *, require: str | None = None, war
         )
     if require and meta.get("kind") != require:
         raise BadInput(f"checkpoint {path} is a {meta.get('kind')} checkpoint; this command needs a {require} one")
+    if int(meta["num_classes"]) != classes:
+        raise BadInput(
+            f"checkpoint {path} has {meta['num_classes']} classes but --data {cfg.data} has {classes} "
+            f"(it was trained on {meta.get('data')!r}; pass the matching --data)"
+        )
     model = create_model(cfg.model, int(meta["num_classes"]))
     what = f"{cfg.model} ({meta['kind']})"
     if meta["kind"] == "ftwt":
-        model = FTWTModel(model, tuple(meta["input_size"]), head_softmax=bool(meta.get("head_softmax", True)))
+        model = FTWTModel(model, tuple(meta["input_size"]), head=HeadSpec.from_meta(meta))
     ckpt.load_weights(model, payload["model"], path, what)
     return LoadedModel(model, meta, str(Path(path)))
+
+
+def pretrained_weights(model_name: str) -> Path:
+    """torchvision's pretrained weights file of a registry model, in torch hub's cache ($TORCH_HOME);
+    downloaded once when missing (asking for pretrained weights is the opt-in)."""
+    entry = REGISTRY.get(model_name)
+    if entry is None or not entry.supports_pretrained:
+        names = ", ".join(n for n, e in REGISTRY.items() if e.supports_pretrained)
+        raise BadInput(
+            f"torchvision has pretrained weights for {names}, not {model_name!r}; drop --init torchvision / "
+            "pretrained, or train a dense baseline with 'ftwt train --dense'"
+        )
+    url = torchvision_weights_url(model_name)
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+    if not path.is_file():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(url, str(path), progress=True)
+        except Exception as exc:  # noqa: BLE001 - offline, proxy, disk: all one line
+            raise BadInput(
+                f"cannot download torchvision's {model_name} weights from {url} ({type(exc).__name__}); "
+                f"put the file at {path} (TORCH_HOME sets the folder) or pass --checkpoint FILE"
+            ) from None
+    return path
+
+
+def torchvision_weights_url(model_name: str) -> str:
+    return torchvision.models.get_model_weights(model_name).DEFAULT.url

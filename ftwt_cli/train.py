@@ -16,12 +16,14 @@ run bit for bit on CPU, for any number of processes and DataLoader workers.
 from __future__ import annotations
 
 import contextlib
+import functools
 import datetime
 import itertools
 import json
 import math
 import os
 import random
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -36,16 +38,21 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from ftwt_cli import checkpoint as ckpt
 from ftwt_cli import runtime
-from ftwt_cli.config import Config, resolve_device, validate
+from ftwt_cli.config import Config, resolve_device
+from ftwt_cli.config import validate as validate_config
 from ftwt_cli.console import console, progress_bar
 from ftwt_cli.data import make_loader
 from ftwt_cli.errors import BadInput
 from ftwt_cli.estimate import UnreachableTarget, find_ratio
 from ftwt_cli.flops import FlopsCounter
-from ftwt_cli.gating import FTWTModel, Target, head_loss, make_target
+from ftwt_cli.calibrate import Calibration, CalibrationError, calibrate
+from ftwt_cli.calibrate import clear as clear_offsets
+from ftwt_cli.gating import FTWTModel, Target, head_loss, make_target, truth_masks
+from ftwt_cli.metrics import MaskStats
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.csv"
+LAYERS_FILE = "layers.csv"
 LAST_FILE = "last.pt"
 BEST_FILE = "best.pt"
 #: Accepted distance (points) between the --target-flops goal and the estimate of the chosen r.
@@ -124,6 +131,27 @@ def stop_processes(dist: Distributed) -> None:
         torch_dist.destroy_process_group()
 
 
+def wrap_for_processes(model: nn.Module, dist: Distributed, device: torch.device, sync_bn: bool) -> tuple[nn.Module, nn.Module]:
+    """(model, net): under torchrun ``net`` is the DDP wrapper, and with ``sync_bn`` every BatchNorm of
+    ``model`` becomes a SyncBatchNorm (same parameters and buffers, so optimizers and checkpoints are
+    unchanged) that normalises with the statistics of the whole global batch."""
+    if not dist.enabled:
+        if sync_bn:
+            warnings.warn("--sync-bn has no effect in a single process (run under torchrun)", stacklevel=2)
+        return model, model
+    if sync_bn:
+        if device.type != "cuda":
+            raise BadInput("--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm does not run on CPU); drop --sync-bn")
+        model = sync_batchnorm(model)
+    return model, DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def sync_batchnorm(model: nn.Module) -> nn.Module:
+    """Every BatchNorm of ``model`` (inside gated blocks too) as a SyncBatchNorm holding the same
+    parameter and buffer tensors: optimizers built before stay valid, state_dict keys do not change."""
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
 # ---------------------------------------------------------------------------------------------------
 # What a run does
 
@@ -177,15 +205,23 @@ class RunSpec:
             "init": self.init,
             "target_flops": self.target_flops,
             "estimate": self.estimate,
+            "best_selected_on": self.selected_on,
         }
+
+    @property
+    def selected_on(self) -> str:
+        """The split whose top-1 chooses best.pt."""
+        return "val" if self.config.val_fraction > 0 else "test"
 
     @classmethod
     def from_dict(cls, doc: dict) -> "RunSpec":
-        return cls(Config(**doc["config"]), bool(doc["dense"]), doc.get("init"), doc.get("target_flops"), doc.get("estimate"))
+        config = dict(doc["config"])
+        config.setdefault("train_samples", config.get("samples", 0))  # runs from before train_samples existed
+        return cls(Config(**config), bool(doc["dense"]), doc.get("init"), doc.get("target_flops"), doc.get("estimate"))
 
     def check(self) -> None:
         """One-line BadInput for every inconsistent choice (before anything is loaded or written)."""
-        validate(self.config)
+        validate_config(self.config)
         if self.epochs < 1:
             raise BadInput(f"--epochs must be at least 1, got {self.epochs}")
         if self.lr <= 0 or (not self.dense and self.config.head_lr <= 0):
@@ -197,7 +233,10 @@ class RunSpec:
                 raise BadInput("--dense trains the plain backbone; --init and --target-flops are for dynamic training")
             return
         if self.init is None:
-            raise BadInput("dynamic training needs --init DENSE_CKPT (train one with 'ftwt train --dense')")
+            raise BadInput(
+                "dynamic training needs --init with dense weights: an ftwt checkpoint or state_dict FILE, or torchvision; "
+                f"train them with 'ftwt train --dense --model {self.config.model}'"
+            )
         if self.target_flops is not None and not (0.0 < self.target_flops < 100.0):
             raise BadInput(f"--target-flops is a percent of FLOPs to remove and must be in (0, 100), got {self.target_flops:g}")
 
@@ -233,11 +272,16 @@ class Objective:
     target: Target | None = None
     head_weight: float = 1.0
 
-    def __call__(self, model: nn.Module, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, model: nn.Module, logits: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor] | None]:
+        """(task loss, head loss, ground-truth masks per block or None for a dense model)."""
         task = F.cross_entropy(logits, labels)
         if self.target is None:
-            return task, torch.zeros((), device=logits.device)
-        return task, head_loss(model.records(), self.target)
+            return task, torch.zeros((), device=logits.device), None
+        records = model.records()
+        truth = truth_masks(records, self.target)
+        return task, head_loss(records, truth), truth
 
 
 def train_step(
@@ -248,17 +292,22 @@ def train_step(
     objective: Objective,
     optimizers: list[torch.optim.Optimizer],
     dist: Distributed = Distributed(),
+    stats: MaskStats | None = None,
 ) -> tuple[float, float, int, int]:
     """One SGD step; returns (task loss, head loss, correct, images) summed over the batch on every rank.
 
     ``net`` is what runs forward (the model or its DDP wrapper), ``model`` the unwrapped module whose
     blocks hold the records. The head loss is multiplied by its weight, never dropped, so heads stay in
     the graph (DDP needs a gradient for every parameter) even when the weight is 0. A non-finite loss on
-    any rank raises NonFiniteLoss on every rank before any weight changes.
+    any rank raises NonFiniteLoss on every rank before any weight changes. ``stats`` (FTWT models)
+    accumulates the step's masks against the ground truth (the training split's per-layer figures).
     """
     logits = net(images)
-    task, heads = objective(model, logits, labels)
+    task, heads, truth = objective(model, logits, labels)
     loss = task + objective.head_weight * heads
+    if stats is not None and truth is not None:
+        records = model.records()
+        stats.update([rec.mask > 0 for rec in records], truth, [rec.logits for rec in records])
     n = labels.shape[0]
     sums = torch.stack([task.detach() * n, heads.detach() * n, (logits.argmax(1) == labels).sum().to(task.dtype), task.new_tensor(n)])
     task_sum, head_sum, correct, count = dist.all_sum(sums.double()).tolist()
@@ -275,53 +324,76 @@ def train_step(
 @dataclass
 class TestMetrics:
     test_top1: float
-    head_acc: float | None = None  # fraction of channel decisions equal to the ground truth
+    head_acc: float | None = None  # percent of channel decisions equal to the ground truth
     flops_reduction_pct: float | None = None
     flops_reduction_with_heads_pct: float | None = None
 
 
+def mask_stats(model: nn.Module, track_masks: bool) -> MaskStats | None:
+    """A fresh statistics accumulator for an FTWT model (None for a dense one)."""
+    if not isinstance(model, FTWTModel):
+        return None
+    return MaskStats(FlopsCounter(model.graph), [b.conv for b in model.graph.blocks], track_masks=track_masks)
+
+
+def summarise(correct: float, count: float, stats: MaskStats | None) -> TestMetrics:
+    metrics = TestMetrics(test_top1=100.0 * correct / max(count, 1))
+    if stats is not None:
+        layers = stats.layers()
+        decisions = sum(layer.channels for layer in layers)
+        metrics.head_acc = 100.0 * sum(layer.head_accuracy * layer.channels for layer in layers) / decisions
+        metrics.flops_reduction_pct = stats.reduction_pct()
+        metrics.flops_reduction_with_heads_pct = stats.reduction_pct(with_heads=True)
+    return metrics
+
+
 @torch.no_grad()
-def evaluate(
+def validate(
     model: nn.Module,
     loader: DataLoader,
     device: torch.device,
     target: Target | None = None,
     dist: Distributed = Distributed(),
     show: Callable = progress_bar,
-) -> TestMetrics:
-    """Top-1 of ``model``; for an FTWT model also head accuracy and the measured FLOPs reduction.
+    label: str = "test",
+) -> tuple[TestMetrics, MaskStats | None]:
+    """Top-1 of ``model``; for an FTWT model also the per-layer mask statistics (:class:`MaskStats`:
+    keep rates vs the ground truth, precision / recall, head BCE, distinct masks) and the measured FLOPs.
 
     The masks are those the heads applied; the ground truth comes from each block's unmasked output.
     Every rank passes over its own shard; sums are reduced across ranks.
     """
     model.eval()
-    gated = isinstance(model, FTWTModel)
-    counter = FlopsCounter(model.graph) if gated else None
-    if gated:
+    stats = mask_stats(model, track_masks=not dist.enabled)
+    if stats is not None:
         model.configure(record=True)
-    sums = torch.zeros(5, dtype=torch.float64, device=device)  # correct, images, matches, decisions, MACs
-    with show("test", len(loader)) as advance:
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # correct, images
+    with show(label, len(loader)) as advance:
         for images, labels in loader:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             logits = model(images)
             sums[0] += (logits.argmax(1) == labels).sum()
             sums[1] += labels.shape[0]
-            if gated:
+            if stats is not None:
                 records = model.records()
-                masks = [rec.mask for rec in records]
-                for rec in records:
-                    sums[2] += ((rec.mask > 0) == target.mask(rec.response)).sum()
-                    sums[3] += rec.mask.numel()
-                sums[4] += counter.macs_from_masks(masks).sum()
+                stats.update([rec.mask > 0 for rec in records], truth_masks(records, target), [rec.logits for rec in records])
             advance()
-    correct, count, matches, decisions, macs = dist.all_sum(sums).tolist()
-    metrics = TestMetrics(test_top1=100.0 * correct / max(count, 1))
-    if gated:
-        mean_macs = macs / max(count, 1)
-        metrics.head_acc = 100.0 * matches / max(decisions, 1)
-        metrics.flops_reduction_pct = float(counter.reduction_pct(mean_macs))
-        metrics.flops_reduction_with_heads_pct = float(counter.reduction_pct(mean_macs, with_heads=True))
-    return metrics
+    correct, count = dist.all_sum(sums).tolist()
+    if stats is not None:
+        stats.reduce(dist.all_sum)
+    return summarise(correct, count, stats), stats
+
+
+def evaluate(model, loader, device, target=None, dist: Distributed = Distributed(), show: Callable = progress_bar) -> TestMetrics:
+    """Top-1, head accuracy and measured FLOPs of ``model`` on ``loader`` (see :func:`validate`)."""
+    return validate(model, loader, device, target, dist, show)[0]
+
+
+def layer_rows(epoch: int, split: str, stats: MaskStats | None) -> list[dict]:
+    """Per-layer rows of ``layers.csv``: target vs heads' keep rate, precision, recall, BCE, distinct masks."""
+    if stats is None:
+        return []
+    return [{"epoch": epoch, "split": split, **asdict(layer)} for layer in stats.layers()]
 
 
 def warm_up_heads(model: FTWTModel, loader: DataLoader, device: torch.device, lr: float, momentum: float) -> int:
@@ -363,6 +435,8 @@ class Summary:
     flops_reduction_pct: float | None
     flops_reduction_with_heads_pct: float | None
     estimate: dict | None = None
+    selected_on: str = "test"  # the split whose top-1 chose best.pt
+    calibration: dict | None = None  # --target-flops: what calibration chose and measured (raw vs calibrated)
     history: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -402,7 +476,9 @@ class Run:
     def __init__(self, spec: RunSpec, run_dir: Path | None, dist: Distributed, device: torch.device, resume: bool) -> None:
         self.spec, self.run_dir, self.dist, self.device = spec, run_dir, dist, device
         cfg = spec.config
-        self.start_epoch, self.best_top1, self.history = 0, -math.inf, []
+        self.start_epoch, self.best_top1, self.history, self.layer_history = 0, -math.inf, [], []
+        self.calibration: dict | None = None
+        self.best_epoch: int | None = None
         seed_epoch(cfg.seed, -1, 0)  # model initialisation (identical on every rank)
         if resume:
             loaded = runtime.load_model(cfg, str(run_dir / LAST_FILE), require="dense" if spec.dense else "ftwt")
@@ -423,6 +499,7 @@ class Run:
             self.meta = runtime.ftwt_meta(cfg, self.meta["num_classes"], cfg.r)
             if spec.estimate is not None:
                 self.meta["estimate"] = spec.estimate
+        self.meta["best_selected_on"] = spec.selected_on  # every checkpoint says which split chose best.pt
         self.optimizers = build_optimizers(self.model, spec)
         self.schedulers = build_schedulers(self.optimizers, spec)
         self._build_data()
@@ -431,13 +508,38 @@ class Run:
         elif not spec.dense and cfg.head_init == "ones":
             steps = warm_up_heads(self.model, self.train_loader, device, cfg.head_lr, cfg.momentum)
             self.log(f"head warm-up: {steps} head-only steps until every channel is kept")
-        self.net = (
-            DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
-            if dist.enabled
-            else self.model
+        if not resume and not spec.dense and cfg.head_warmup > 0:
+            seed_epoch(cfg.seed, -2, dist.rank)
+            self._warm_up_on_targets(cfg.head_warmup)
+        self.model, self.net = wrap_for_processes(self.model, dist, device, cfg.sync_bn)
+        self.log(
+            f"batch size {cfg.batch_size} per process × {dist.world_size} process(es) = {cfg.batch_size * dist.world_size} "
+            f"images per step{' (SyncBatchNorm)' if cfg.sync_bn and dist.enabled else ''}"
         )
 
     # -- setup -------------------------------------------------------------------------------------
+
+    def _warm_up_on_targets(self, epochs: int) -> None:
+        """--head-warmup: train the heads towards their targets on the frozen backbone (eval mode, no mask
+        applied) before training starts, so the backbone never fine-tunes under an untrained head's masks."""
+        model, cfg = self.model, self.spec.config
+        optimizer = torch.optim.SGD(model.head_parameters(), lr=cfg.head_lr, momentum=cfg.momentum)
+        model.eval().configure(mask_source="observed")
+        for head in model.heads():
+            head.train()  # a head's own norm learns its statistics
+        for epoch in range(epochs):
+            with self.show(f"head warm-up {epoch + 1}/{epochs}", len(self.train_loader)) as advance:
+                for images, _ in self.train_loader:
+                    model(images.to(self.device, non_blocking=True))
+                    records = model.records()
+                    loss = head_loss(records, truth_masks(records, self.target))
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    advance(info=f"head loss {loss.item():.3f}")
+        model.configure(mask_source="predicted")
+        for p in model.parameters():
+            p.grad = None
 
     def _search_ratio(self) -> dict:
         """--target-flops: rank 0 searches r on the training split; every rank gets its record (or its error)."""
@@ -463,7 +565,7 @@ class Run:
 
     def _build_data(self) -> None:
         cfg, dist = self.spec.config, self.dist
-        train_set = runtime.dataset(cfg, "train", augment=True)
+        train_set, val_set = runtime.training_splits(cfg)
         test_set = runtime.dataset(cfg, "test")
         self.sampler = (
             DistributedSampler(train_set, dist.world_size, dist.rank, shuffle=True, seed=cfg.seed) if dist.enabled else None
@@ -471,9 +573,14 @@ class Run:
         self.train_loader = make_loader(
             train_set, cfg.batch_size, shuffle=True, workers=cfg.workers, seed=cfg.seed, sampler=self.sampler
         )
-        if dist.enabled:  # a strided shard per rank: every test image is counted exactly once
-            test_set = Subset(test_set, range(dist.rank, len(test_set), dist.world_size))
-        self.test_loader = make_loader(test_set, cfg.batch_size, workers=cfg.workers)
+        self.test_loader = make_loader(self._shard(test_set), cfg.batch_size, workers=cfg.workers)
+        self.val_loader = make_loader(self._shard(val_set), cfg.batch_size, workers=cfg.workers) if val_set else None
+
+    def _shard(self, dataset):
+        """A strided shard per rank, so every evaluation image is counted exactly once."""
+        if not self.dist.enabled:
+            return dataset
+        return Subset(dataset, range(self.dist.rank, len(dataset), self.dist.world_size))
 
     def _restore(self, state: dict) -> None:
         for name, opt in self.optimizers.items():
@@ -481,14 +588,18 @@ class Run:
         for name, sched in self.schedulers.items():
             sched.load_state_dict(state["schedulers"][name])
         self.start_epoch = int(state["epoch"])
+        self.best_epoch = state.get("best_epoch")
         self.best_top1 = float(state["best_top1"])
         self.history = list(state["history"])
+        self.layer_history = list(state.get("layer_history", []))
 
     def train_state(self, epoch: int) -> dict:
         return {
             "epoch": epoch,
             "best_top1": self.best_top1,
+            "best_epoch": self.best_epoch,
             "history": self.history,
+            "layer_history": self.layer_history,
             "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
             "schedulers": {n: s.state_dict() for n, s in self.schedulers.items()},
         }
@@ -509,11 +620,15 @@ class Run:
         if not self.dist.is_main:
             return
         meta = {**self.meta, "epoch": epoch, "test_top1": metrics["test_top1"]}
+        if "val_top1" in metrics:
+            meta["val_top1"] = metrics["val_top1"]
         if improved:
             ckpt.save_checkpoint(self.run_dir / BEST_FILE, self.model, meta)
         ckpt.save_checkpoint(self.run_dir / LAST_FILE, self.model, meta, self.train_state(epoch))
-        frame = pd.DataFrame(self.history)
-        ckpt.atomic_write_bytes(self.run_dir / METRICS_FILE, lambda f: f.write(frame.to_csv(index=False).encode()))
+        for name, rows in ((METRICS_FILE, self.history), (LAYERS_FILE, self.layer_history)):
+            if rows:
+                text = pd.DataFrame(rows).to_csv(index=False).encode()
+                ckpt.atomic_write_bytes(self.run_dir / name, lambda f, text=text: f.write(text))
 
     # -- training ----------------------------------------------------------------------------------
 
@@ -528,12 +643,18 @@ class Run:
         objective = Objective(self.target, head_weight=0.0 if heads_frozen else 1.0)
         stepping = [opt for name, opt in self.optimizers.items() if not (name == "heads" and heads_frozen)]
         self.net.train()
+        if heads_frozen:
+            for head in self.model.heads():
+                head.eval()  # frozen heads keep their norm statistics, so their calibrated thresholds hold
+        stats = mask_stats(self.model, track_masks=False)
         task_sum = head_sum = 0.0
         correct = seen = 0
         with self.show(f"epoch {epoch + 1}/{spec.epochs}", len(self.train_loader)) as advance:
             for images, labels in self.train_loader:
                 images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
-                task, heads, right, count = train_step(self.net, self.model, images, labels, objective, stepping, self.dist)
+                task, heads, right, count = train_step(
+                    self.net, self.model, images, labels, objective, stepping, self.dist, stats
+                )
                 task_sum, head_sum, correct, seen = task_sum + task, head_sum + heads, correct + right, seen + count
                 info = f"loss {task_sum / seen:.3f} top-1 {100 * correct / seen:.1f}"
                 advance(info=info + ("" if spec.dense else f" heads {head_sum / seen:.3f}"))
@@ -544,22 +665,37 @@ class Run:
         row |= {"task_loss": task_sum / seen, "train_top1": 100.0 * correct / seen}
         if not spec.dense:
             row["head_loss"] = head_sum / seen
+            stats.reduce(self.dist.all_sum)
+            row["train_flops_reduction_pct"] = stats.reduction_pct(with_heads=True)
+            self.layer_history += layer_rows(epoch + 1, "train", stats)
         return row
 
     def fit(self) -> Summary:
         spec = self.spec
+        budgeted = not spec.dense and spec.target_flops is not None and spec.config.calibrate
         for epoch in range(self.start_epoch, spec.epochs):
+            if budgeted and epoch == spec.freeze_epoch:
+                # The heads stop learning here: set their thresholds to the budget now, so the backbone
+                # fine-tunes under the masks it will be delivered with (calibrating only at the end would
+                # change the masks of a backbone that never saw them).
+                self._calibrate(f"epoch {epoch + 1}, heads frozen")
             row = self.train_epoch(epoch)
             self.dist.sync_buffers(self.model)
             for scheduler in self.schedulers.values():
                 scheduler.step()
-            metrics = evaluate(self.model, self.test_loader, self.device, self.target, self.dist, self.show)
-            row |= {k: v for k, v in asdict(metrics).items() if v is not None}
+            row |= self._validate(epoch + 1)
             self.history.append(row)
-            improved = row["test_top1"] > self.best_top1
-            self.best_top1 = max(self.best_top1, row["test_top1"])
+            # best.pt is chosen on held-out training images when there are some, never on the test split then;
+            # a budgeted run delivers only epochs trained under its calibrated (on-budget) masks
+            score = row.get("val_top1", row["test_top1"])
+            eligible = not (budgeted and spec.freeze_epoch < spec.epochs and epoch < spec.freeze_epoch)
+            improved = eligible and score > self.best_top1
+            self.best_top1 = max(self.best_top1, score) if eligible else self.best_top1
+            self.best_epoch = epoch + 1 if improved else self.best_epoch
             self._save(epoch + 1, row, improved)
-            self.log(epoch_line(row))
+            self.log(epoch_line(row, self.spec.target_flops))
+        if budgeted:
+            self.calibration = self._calibrate_best()
         last = self.history[-1] if self.history else {}
         return Summary(
             run_dir=str(self.run_dir) if self.run_dir else None,
@@ -571,14 +707,99 @@ class Run:
             flops_reduction_pct=last.get("flops_reduction_pct"),
             flops_reduction_with_heads_pct=last.get("flops_reduction_with_heads_pct"),
             estimate=spec.estimate,
+            selected_on="val" if self.val_loader is not None else "test",
+            calibration=self.calibration,
             history=list(self.history),
         )
 
+    def _validate(self, epoch: int) -> dict:
+        """The epoch's held-out (val) and test figures; per-layer statistics go to layers.csv."""
+        row: dict[str, Any] = {}
+        if self.val_loader is not None:
+            val, stats = validate(self.model, self.val_loader, self.device, self.target, self.dist, self.show, "val")
+            row["val_top1"] = val.test_top1
+            if stats is not None:
+                row["val_flops_reduction_pct"] = val.flops_reduction_with_heads_pct
+                self.layer_history += layer_rows(epoch, "val", stats)
+        test, stats = validate(self.model, self.test_loader, self.device, self.target, self.dist, self.show)
+        row |= {k: v for k, v in asdict(test).items() if v is not None}
+        self.layer_history += layer_rows(epoch, "test", stats)
+        return row
 
-def epoch_line(row: dict) -> str:
-    text = f"epoch {row['epoch']}: loss {row['task_loss']:.4f}, train {row['train_top1']:.2f}%, test {row['test_top1']:.2f}%"
+    def _calibrate(self, when: str) -> Calibration:
+        """Calibrate the heads to --target-flops on the held-out training images (never the test split)."""
+        cfg = self.spec.config
+        images = self.val_loader
+        if images is None:
+            self.log("[yellow]warning:[/yellow] --val-fraction 0: calibrating on training images (none are held out)")
+            images = make_loader(runtime.dataset(cfg, "train"), cfg.batch_size, workers=cfg.workers)
+        try:
+            result = calibrate(self.model, images, self.device, self.spec.target_flops, show=self.show)
+        except CalibrationError as exc:
+            raise BadInput(str(exc)) from None
+        self.dist.sync_buffers(self.model)  # every rank applies rank 0's offsets
+        self.log(
+            f"calibrated ({when}) to {result.target_pct:g}% on {result.images} held-out images: "
+            f"{result.raw_pct:.2f}% → {result.reached_pct:.2f}% FLOPs ↓ (per-layer keep rates of r' = {result.ratio:.4f})"
+        )
+        return result
+
+    def _calibrate_best(self) -> dict:
+        """--target-flops: recalibrate best.pt's heads to the budget on held-out training images, report the
+        test split for the raw heads (no offsets), as trained, and calibrated, and save the calibrated
+        best.pt (last.pt keeps the heads as trained)."""
+        if self.dist.is_main and self.run_dir is not None:
+            state = ckpt.load_checkpoint(self.run_dir / BEST_FILE)["model"]
+            ckpt.load_weights(self.model, state, self.run_dir / BEST_FILE, "best.pt")
+        for tensor in [*self.model.parameters(), *self.model.buffers()]:  # every rank needs best.pt
+            if self.dist.enabled:
+                torch_dist.broadcast(tensor.data, src=0)
+        test = functools.partial(validate, self.model, self.test_loader, self.device, self.target, self.dist, self.show)
+        trained_offsets = [head.logit_offset.clone() for head in self.model.heads()]
+        clear_offsets(self.model)
+        raw, raw_stats = test(label="test (raw heads)")
+        for head, offset in zip(self.model.heads(), trained_offsets):
+            head.logit_offset.copy_(offset)
+        trained, _ = test(label="test (as trained)")
+        result = self._calibrate("best.pt")
+        tuned, stats = test(label="test (calibrated)")
+        record = {
+            **result.to_meta(),
+            "split": "val" if self.val_loader is not None else "train",
+            "calibrated_at_freeze": self.spec.freeze_epoch < self.spec.epochs,
+            "best_epoch": self.best_epoch,
+            "test_top1_raw": raw.test_top1,
+            "test_top1_trained": trained.test_top1,
+            "test_top1_calibrated": tuned.test_top1,
+            "test_reduction_raw_pct": raw.flops_reduction_with_heads_pct,
+            "test_reduction_trained_pct": trained.flops_reduction_with_heads_pct,
+            "test_reduction_calibrated_pct": tuned.flops_reduction_with_heads_pct,
+        }
+        self.layer_history += layer_rows(self.spec.epochs, "best-raw", raw_stats) + layer_rows(self.spec.epochs, "best-calibrated", stats)
+        if self.dist.is_main and self.run_dir is not None:
+            meta = {**self.meta, "epoch": self.spec.epochs, "test_top1": tuned.test_top1, "calibration": record}
+            ckpt.save_checkpoint(self.run_dir / BEST_FILE, self.model, meta)
+            text = pd.DataFrame(self.layer_history).to_csv(index=False).encode()
+            ckpt.atomic_write_bytes(self.run_dir / LAYERS_FILE, lambda f: f.write(text))
+        self.log(
+            f"best.pt on the test split: raw heads {raw.flops_reduction_with_heads_pct:.2f}% FLOPs ↓ / top-1 {raw.test_top1:.2f}%, "
+            f"as trained {trained.flops_reduction_with_heads_pct:.2f}% / {trained.test_top1:.2f}%, "
+            f"calibrated {tuned.flops_reduction_with_heads_pct:.2f}% / {tuned.test_top1:.2f}%"
+        )
+        return record
+
+
+def epoch_line(row: dict, target_flops: float | None = None) -> str:
+    text = f"epoch {row['epoch']}: loss {row['task_loss']:.4f}, train {row['train_top1']:.2f}%"
+    if "val_top1" in row:
+        text += f", val {row['val_top1']:.2f}%"
+    text += f", test {row['test_top1']:.2f}%"
     if "head_acc" in row:
-        text += f", heads {row['head_acc']:.2f}% right, FLOPs ↓ {row['flops_reduction_pct']:.2f}%"
+        text += f", heads {row['head_acc']:.2f}% right, FLOPs ↓ {row['flops_reduction_with_heads_pct']:.2f}% (test)"
+        if "val_flops_reduction_pct" in row:
+            text += f" {row['val_flops_reduction_pct']:.2f}% (held-out)"
+        if target_flops is not None:
+            text += f" vs target {target_flops:g}%"
         text += " (heads frozen)" if row["heads_frozen"] else f", head loss {row['head_loss']:.4f}"
     return text
 

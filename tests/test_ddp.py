@@ -48,20 +48,22 @@ def test_two_processes_end_identical_with_one_run_directory(tmp_path):
     env = {**os.environ, "DUMP_DIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-        "train", "--profile", "smoke", "--init", "dense.pt", "--ratio", "0.9", "--epochs", "2", "--freeze-heads-after", "0.5",
+        "train", "--profile", "smoke", "--init", "dense.pt", "--target-flops", "30", "--epochs", "2", "--freeze-heads-after", "0.5",
         "--device", "cpu", "--json",
-    ]  # fmt: skip  (FTWT decoupled: in epoch 2 the frozen heads get only zero gradients, which DDP must accept)
+    ]  # fmt: skip  (FTWT decoupled: in epoch 2 the frozen heads get only zero gradients, which DDP must accept;
+    #   --target-flops: r is searched on rank 0, calibration runs when the heads freeze and for best.pt)
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
 
     summary = json.loads(done.stdout)  # exactly one document: only rank 0 prints
     runs = list((tmp_path / "runs").iterdir())  # the default name, chosen by rank 0 alone
     assert len(runs) == 1 and summary["run_dir"] == f"runs/{runs[0].name}"
-    assert sorted(p.name for p in runs[0].iterdir()) == ["best.pt", "config.json", "last.pt", "metrics.csv"]
+    assert sorted(p.name for p in runs[0].iterdir()) == ["best.pt", "config.json", "last.pt", "layers.csv", "metrics.csv"]
 
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
-    saved = torch.load(runs[0] / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)  # the calibrated best.pt on both ranks
+    assert summary["calibration"]["target_pct"] == 30.0
+    saved = torch.load(runs[0] / "best.pt", weights_only=True)["model"]
     assert all(torch.equal(saved[k], rank0[k]) for k in rank0)
     # metrics are reduced over both shards: every test image counted once
     assert 0.0 <= summary["test_top1"] <= 100.0 and summary["epochs"] == 2 and summary["mode"] == "decoupled"

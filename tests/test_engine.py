@@ -16,7 +16,7 @@ from ftwt_cli import runtime
 from ftwt_cli.config import PROFILE_DIR, resolve
 from ftwt_cli.engine import build_engine, folded_dense
 from ftwt_cli.flops import FlopsCounter
-from ftwt_cli.gating import FTWTModel
+from ftwt_cli.gating import DecisionHead, HeadSpec, FTWTModel
 from ftwt_cli.latency import latency_report
 from ftwt_cli.models import REGISTRY, create_model
 
@@ -317,41 +317,21 @@ def test_measure_needs_calibration_images():
         build_engine(toy("vgg", 32), layers=[True])
 
 
-@pytest.fixture
-def head_contract(monkeypatch):
-    """DecisionHead's ``pool`` ("max"/"avg") and ``logit_offset`` (added to the logits), as issue 9 specifies;
-    where the installed head predates them, the test patches in that contract."""
-    from ftwt_cli.gating import DecisionHead
-
-    if not hasattr(DecisionHead(2, 2), "logit_offset"):
-
-        def forward(self, block_input):
-            average = getattr(self, "pool", "max") == "avg"
-            pooled = block_input.mean(dim=(2, 3)) if average else block_input.amax(dim=(2, 3))
-            if self.softmax:
-                pooled = pooled.softmax(dim=1)
-            logits = self.proj(pooled)
-            offset = getattr(self, "logit_offset", None)
-            return logits if offset is None else logits + offset
-
-        monkeypatch.setattr(DecisionHead, "forward", forward)
-
-
-@pytest.mark.parametrize("pool", ["max", "avg"])
-def test_head_offset_and_pool_change_engine_masks_like_the_model(head_contract, pool):
+@pytest.mark.parametrize("spec", [HeadSpec("max"), HeadSpec("avg"), HeadSpec("max", norm=True), HeadSpec("avg", softmax=False, norm=True)])
+def test_head_options_and_offsets_change_engine_masks_like_the_model(spec):
     model = toy("resnet", 32)
     images = noise_images(32, 4)
     with torch.no_grad():
         model(images)
     before = [r.mask.bool().clone() for r in model.records()]
     g = torch.Generator().manual_seed(3)
-    for head in model.heads():
-        offset = 3.0 * torch.randn(head.proj.out_features, generator=g)
-        if isinstance(getattr(head, "logit_offset", None), torch.Tensor):
-            head.logit_offset.copy_(offset)
-        else:
-            head.register_buffer("logit_offset", offset)
-        head.pool = pool
+    for block in model.blocks:
+        head = DecisionHead(block.conv.in_channels, block.conv.out_channels, spec)
+        head.logit_offset.copy_(3.0 * torch.randn(head.proj.out_features, generator=g))
+        if head.norm is not None:  # running statistics the engine must fold into the 1×1 conv
+            head.norm.running_mean.copy_(torch.rand(head.proj.in_features, generator=g))
+            head.norm.running_var.copy_(0.5 + torch.rand(head.proj.in_features, generator=g))
+        block.head = head.eval()
     with torch.no_grad():
         model(images)
     after = [r.mask.bool() for r in model.records()]

@@ -18,6 +18,7 @@ from ftwt_cli.checkpoint import save_checkpoint
 from ftwt_cli.config import resolve
 from ftwt_cli.data import make_loader
 from ftwt_cli.flops import FlopsCounter
+from ftwt_cli.metrics import MaskStats
 from ftwt_cli.graph import analyze
 from ftwt_cli.models import create_model
 
@@ -155,6 +156,24 @@ def test_mask_accumulator_keep_core_clusters_and_head_accuracy(tiny_net):
     assert second.keep_ratio == 1.0 and second.head_accuracy == 1.0
     assert acc.mean_macs == pytest.approx(counter.macs_from_masks([m1, m2]).mean().item())
     assert acc.mean_macs < counter.dense_macs
+    # every kept channel is kept by the truth too (precision 1); the truth keeps 6 of 8, the heads 4 of them
+    assert first.target_keep_ratio == pytest.approx(0.75)
+    assert first.precision == pytest.approx(1.0) and first.recall == pytest.approx(4 / 6)
+    assert first.head_bce is None  # no logits given
+
+
+def test_mask_stats_head_bce_and_reduction_across_processes(tiny_net):
+    counter = FlopsCounter(analyze(tiny_net, (8, 8)))
+    masks = [torch.tensor([[1, 0, 1, 0]], dtype=torch.bool), torch.ones(1, 6, dtype=torch.bool)]
+    logits = [torch.tensor([[2.0, -1.0, 0.5, -3.0]]), torch.full((1, 6), 4.0)]
+    stats = MaskStats(counter, ["a", "b"], track_masks=False)
+    stats.update(masks, masks, logits)
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(logits[0], masks[0].float())
+    assert stats.layers()[0].head_bce == pytest.approx(expected.item())
+    assert stats.layers()[0].clusters is None  # not tracked
+    before = stats.layers()
+    stats.reduce(lambda t: t.mul_(2))  # two identical processes: sums double, ratios stay
+    assert stats.samples == 2 and stats.layers() == before
 
 
 # --- library reports --------------------------------------------------------------------------------
@@ -191,9 +210,12 @@ def test_compared_models_see_identical_perturbed_inputs(smoke_cfg, checkpoints):
 
 
 def test_estimate_vs_reached_needs_a_recorded_estimate():
-    assert ev.estimate_vs_reached({}, 40.0) is None
-    row = ev.estimate_vs_reached({"estimate": {"chosen_r": 0.9, "estimated_reduction_pct": 45.0, "target": 45}}, 40.0)
-    assert row["difference_pct"] == pytest.approx(-5.0) and row["chosen_r"] == 0.9
+    assert ev.estimate_vs_reached({}, 40.0, 39.5) is None
+    row = ev.estimate_vs_reached({"estimate": {"chosen_r": 0.9, "estimated_reduction_pct": 45.0, "target": 45}}, 40.0, 39.5)
+    # the difference is to the target, heads' cost included: what the user asked for
+    assert row["difference_pct"] == pytest.approx(-5.5) and row["chosen_r"] == 0.9 and row["calibrated"] is False
+    calibrated = ev.estimate_vs_reached({"calibration": {"target_pct": 40.0}}, 40.3, 40.1)
+    assert calibrated["calibrated"] and calibrated["target"] == 40.0 and calibrated["estimated_reduction_pct"] is None
 
 
 # --- CLI --------------------------------------------------------------------------------------------
@@ -208,7 +230,8 @@ def test_cli_smoke_json_schema(run_eval, checkpoints):
     for model in (ftwt, dense):
         assert {"label", "checkpoint", "kind", "top1", "top5", "flops_reduction_pct", "layers", "brier"} <= set(model)
         assert [set(p) for p in model["brier"]] == [{"perturbation", "sigma", "brier", "top1"}] * 3
-        assert {"name", "channels", "keep_ratio", "head_accuracy", "clusters", "core_fraction"} == set(model["layers"][0])
+        assert {"name", "channels", "keep_ratio", "target_keep_ratio", "head_accuracy", "precision", "recall", "head_bce",
+                "clusters", "core_fraction"} == set(model["layers"][0])
     assert ftwt["kind"] == "ftwt" and ftwt["estimate"]["reached_reduction_pct"] == ftwt["flops_reduction_pct"]
     assert dense["flops_reduction_pct"] == 0.0 and dense["layers"][0]["head_accuracy"] is None
 

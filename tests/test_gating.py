@@ -11,6 +11,7 @@ from ftwt_cli.gating import (
     EPS,
     CumulativeMassTarget,
     DecisionHead,
+    HeadSpec,
     TopKTarget,
     binarize,
     ground_truth_mask,
@@ -156,7 +157,7 @@ def test_topk_keeps_a_fixed_fraction_highest_first():
 @pytest.mark.parametrize("softmax", [True, False])
 def test_decision_head_shapes_and_pooling(softmax):
     torch.manual_seed(0)
-    head = DecisionHead(8, 16, softmax=softmax)
+    head = DecisionHead(8, 16, HeadSpec(softmax=softmax))
     x = torch.randn(4, 8, 5, 7)
     logits = head(x)
     assert logits.shape == (4, 16)
@@ -167,6 +168,41 @@ def test_decision_head_shapes_and_pooling(softmax):
     # softmax over channels makes the head blind to a constant shift of its input; without it, not
     shifted = head(x + 3.0)
     assert torch.allclose(shifted, logits, atol=1e-5) == softmax
+
+
+def test_head_average_pool_and_offset():
+    torch.manual_seed(0)
+    head = DecisionHead(8, 16, HeadSpec(pool="avg", softmax=False))
+    x = torch.randn(4, 8, 5, 7)
+    torch.testing.assert_close(head(x), head.proj(x.mean(dim=(2, 3))))
+    # the calibration offset shifts every logit of its filter, and lives in the state dict
+    head.logit_offset[3] = 2.5
+    torch.testing.assert_close(head(x)[:, 3], head.proj(x.mean(dim=(2, 3)))[:, 3] + 2.5)
+    assert "logit_offset" in head.state_dict()
+    with pytest.raises(ValueError, match="head pool"):
+        HeadSpec(pool="median")
+
+
+def test_head_norm_standardises_training_batches_and_folds_at_inference():
+    torch.manual_seed(0)
+    head = DecisionHead(8, 16, HeadSpec(norm=True))
+    x = torch.rand(64, 8, 5, 5) * torch.linspace(0.1, 3, 8)[None, :, None, None]
+    head.train()
+    for _ in range(200):  # running statistics converge to this distribution
+        head(x)
+    standardised = head.norm(head.pooled(x))
+    torch.testing.assert_close(standardised.mean(0), torch.zeros(8), atol=1e-4, rtol=0)
+    head.eval()
+    head.logit_offset.fill_(0.7)
+    weight, bias = head.folded()
+    torch.testing.assert_close(head(x), head.pooled(x) @ weight.T + bias, atol=1e-5, rtol=1e-5)
+
+
+def test_head_spec_meta_round_trip_and_old_checkpoints():
+    spec = HeadSpec(pool="avg", softmax=False, norm=True)
+    assert HeadSpec.from_meta(spec.to_meta()) == spec
+    assert HeadSpec.from_meta({"head_softmax": False}) == HeadSpec(softmax=False)  # written before pool/norm existed
+    assert HeadSpec().label == "" and spec.label == "avg-pool no-softmax head-norm"
 
 
 def test_binarize_hard_forward_and_sigmoid_gradient():

@@ -15,7 +15,7 @@ from ftwt_cli import train as training
 from ftwt_cli.checkpoint import save_checkpoint
 from ftwt_cli.config import resolve
 from ftwt_cli.data import make_loader
-from ftwt_cli.gating import FTWTModel, channel_response, head_loss, make_target
+from ftwt_cli.gating import FTWTModel, channel_response, head_loss, truth_masks, make_target
 from ftwt_cli.models import create_model
 
 R = make_target("mass", 0.9)
@@ -46,7 +46,7 @@ def test_decoupled_head_loss_never_reaches_the_backbone_joint_does():
     for decoupled in (True, False):
         model = gated_smallnet(decoupled)
         model(images)
-        head_loss(model.records(), R).backward()
+        head_loss(model.records(), truth_masks(model.records(), R)).backward()
         backbone_grads = [p.grad for p in model.backbone_parameters() if p.grad is not None]
         head_grads = [p.grad for p in model.head_parameters()]
         assert all(g is not None and g.abs().sum() > 0 for g in head_grads)
@@ -130,8 +130,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(run_cli, tmp_p
 
     def poisoned(self, model, logits, labels):
         calls["n"] += 1
-        task, heads = original(self, model, logits, labels)
-        return (task * math.nan if calls["n"] > 4 else task), heads  # smoke: 4 steps per epoch
+        task, heads, truth = original(self, model, logits, labels)
+        return (task * math.nan if calls["n"] > 4 else task), heads, truth  # smoke: 4 steps per epoch
 
     monkeypatch.setattr(training.Objective, "__call__", poisoned)
     out = tmp_path / "run"
@@ -156,7 +156,7 @@ def test_checkpoints_round_trip_with_the_search_record(run_cli, tmp_path, dense_
     assert summary["mode"] == "joint" and summary["estimate"]["target"] == 40.0
     assert summary["r"] == summary["estimate"]["chosen_r"]
     loaded = runtime.load_model(smoke_cfg, str(out / "best.pt"), require="ftwt")
-    assert isinstance(loaded.model, FTWTModel) and loaded.model.head_softmax is False
+    assert isinstance(loaded.model, FTWTModel) and loaded.model.head_spec.softmax is False
     assert loaded.meta["estimate"] == summary["estimate"] and loaded.meta["r"] == summary["r"]
     saved = _state(out / "best.pt")["model"]
     assert all(torch.equal(saved[k], v) for k, v in loaded.model.state_dict().items())

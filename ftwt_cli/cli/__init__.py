@@ -33,7 +33,14 @@ ModelOpt = Annotated[
     Optional[str], typer.Option("--model", help="Registry name, package.module:callable or path/to/file.py:callable.")
 ]
 DataOpt = Annotated[Optional[str], typer.Option("--data", help="synthetic | cifar10 | cifar100 | imagefolder:PATH")]
-CheckpointOpt = Annotated[Optional[str], typer.Option("--checkpoint", help="ftwt checkpoint (.pt) to load.")]
+CheckpointOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--checkpoint",
+        help="Weights to load: an ftwt checkpoint, a plain state_dict (torch.save(model.state_dict(), FILE)) "
+        "or 'torchvision' (pretrained weights of resnet18/resnet34/mobilenet_v2).",
+    ),
+]
 SamplesOpt = Annotated[Optional[int], typer.Option("--samples", help="Cap on images per data pass (0: all).")]
 BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", help="Images per batch.")]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cuda")]
@@ -100,7 +107,7 @@ def main() -> None:
     # Import command modules for their registrations, then run.
     from ftwt_cli.cli import plan  # noqa: F401
 
-    for optional in ("train", "evaluate"):
+    for optional in ("train", "evaluate", "calibrate"):
         try:
             __import__(f"ftwt_cli.cli.{optional}")
         except ModuleNotFoundError as exc:

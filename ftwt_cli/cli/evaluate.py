@@ -108,7 +108,7 @@ def eval_command(
         workers=workers,
     )
     if cfg.checkpoint is None:
-        raise BadInput("--checkpoint is required (a dense or FTWT checkpoint from 'ftwt train')")
+        raise BadInput(f"--checkpoint is required: {runtime.how_to_get_weights(cfg)}")
     dev = resolve_device(cfg.device)
     loaded = [runtime.load_model(cfg, path) for path in [cfg.checkpoint, *(compare or [])]]
     labels = ev.unique_labels([ev.describe(m.meta) for m in loaded], [m.path for m in loaded])
@@ -129,13 +129,15 @@ def eval_command(
         for name, frame in tables.items():
             atomic_write_bytes(Path(csv) / f"{name}.csv", lambda f, fr=frame: f.write(fr.to_csv(index=False).encode()))
     if plots:
-        from ftwt_cli.plots import plot_brier, plot_clusters, plot_layer_pruning
+        from ftwt_cli.plots import plot_brier, plot_clusters, plot_layer_budget, plot_layer_pruning
 
         for kind in ("blur", "noise"):
             if any(p.perturbation == kind for p in reports[0].brier):
                 plot_brier(reports, kind, Path(plots) / f"brier_{kind}.png", title=cfg.model)
         plot_layer_pruning(reports, Path(plots) / "layer_pruning.png", title=cfg.model)
         plot_clusters(reports, Path(plots) / "clusters.png", title=cfg.model)
+        if any(layer.target_keep_ratio is not None for r in reports for layer in r.layers):
+            plot_layer_budget(reports, Path(plots) / "layer_budget.png", title=cfg.model)
         if latency:
             from ftwt_cli.plots import plot_layer_latency
 
@@ -215,7 +217,10 @@ HEADERS = {
     "chosen_r": "r",
     "estimated_reduction_pct": "estimated ↓ %",
     "reached_reduction_pct": "reached ↓ %",
-    "difference_pct": "Δ points",
+    "reached_with_heads_pct": "with heads ↓ %",
+    "difference_pct": "Δ vs target",
+    "target_keep_ratio": "target keep",
+    "head_bce": "BCE",
     "dense_ms": "dense ms",
     "engine_ms": "engine ms",
     "latency_reduction_pct": "latency ↓ %",

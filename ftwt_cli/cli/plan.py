@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Optional
 
 import pandas as pd
@@ -10,7 +11,7 @@ import typer
 from rich.table import Table
 
 from ftwt_cli import runtime
-from ftwt_cli.checkpoint import atomic_write_bytes
+from ftwt_cli.checkpoint import atomic_write_bytes, check_writable
 from ftwt_cli.cli import (
     BatchOpt,
     CheckpointOpt,
@@ -46,7 +47,7 @@ TargetOpt = Annotated[
 @app.command("profiles")
 @handle_errors
 def profiles_command(json_out: JsonOpt = False) -> None:
-    """List the profiles in profiles/."""
+    """List the shipped profiles (--profile also takes the path of a TOML file of your own)."""
     rows = list_profiles()
     if json_out:
         emit_json([{"name": n, "description": d, "default": n == DEFAULT_PROFILE} for n, d in rows])
@@ -99,6 +100,11 @@ def estimate_command(
 ) -> None:
     """Expected FLOPs reduction of every r, from ONE pass of the trained dense model over training data."""
     _check_target(target_flops)
+    for path, option in ((csv, "--csv"), (plot, "--plot")):
+        if path is not None:
+            if Path(path).is_dir():
+                raise BadInput(f"{option} {path} is a folder; give a file name")
+            check_writable(path, option)
     cfg, dev, loaded, gated, loader = _prepare(
         profile, model=model, data=data, checkpoint=checkpoint, samples=samples, batch_size=batch_size,
         device=device, seed=seed, data_root=data_root, download=download, workers=workers,

@@ -26,6 +26,7 @@ from ftwt_cli.engine import cost
 from ftwt_cli.engine.cache import WeightCache
 from ftwt_cli.engine.compact import Compact, all_channels
 from ftwt_cli.engine.core import StaticCore, fit, run_core
+from ftwt_cli.gating import DecisionHead
 
 #: Conv strategies (``build_engine(strategy=...)``): "auto" picks per call from the cost model;
 #: "core" needs :meth:`SparseEngine.fit_layout` (it falls back to "slice" where the core cannot serve).
@@ -38,21 +39,14 @@ SHAPE_BUCKETS = 8
 COUNTERS = ("slice_hit", "slice_miss", "rows_hit", "rows_miss", "dense", "core", "core_extra")
 
 
-def unroll_head(head: nn.Module) -> tuple[bool, bool, np.ndarray, np.ndarray]:
-    """A DecisionHead as numpy (softmax?, average pool?, weight, bias): pooling → softmax → linear.
+def unroll_head(head: DecisionHead) -> tuple[bool, bool, np.ndarray, np.ndarray]:
+    """A DecisionHead as numpy (softmax?, average pool?, weight, bias): pooling → softmax → affine map.
 
-    Reads the head's optional ``pool`` ("max" default, or "avg") and ``logit_offset`` (added to the
-    logits: per-layer calibration) with defaults, so heads with or without them unroll alike.
+    The affine map is :meth:`DecisionHead.folded`: the 1×1 conv with the head's input norm (running
+    statistics) and its calibration offset folded in, so the engine decides exactly as the gated model.
     """
-    w = head.proj.weight.detach().to(torch.float32).numpy().copy()
-    b = head.proj.bias.detach().to(torch.float32).numpy().copy()
-    offset = getattr(head, "logit_offset", None)
-    if offset is not None:
-        b += offset.detach().to(torch.float32).numpy()  # logits + offset = w·p + (b + offset)
-    pool = getattr(head, "pool", "max")
-    if pool not in ("max", "avg"):
-        raise ValueError(f"head pool must be 'max' or 'avg', got {pool!r}")
-    return bool(head.softmax), pool == "avg", w, b
+    w, b = (t.to(torch.float32).numpy().copy() for t in head.folded())
+    return bool(head.softmax), head.pool == "avg", w, b
 
 
 class ConvStep:

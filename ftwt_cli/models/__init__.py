@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import importlib.util
 import sys
 from dataclasses import dataclass
@@ -46,22 +47,25 @@ def is_user_model(spec: str) -> bool:
     return ":" in spec
 
 
-def create_model(spec: str, num_classes: int, pretrained: bool = False) -> nn.Module:
-    """Build a registry model by name, or call ``package.module:callable`` / ``file.py:callable``."""
+def create_model(spec: str, num_classes: int) -> nn.Module:
+    """Build a registry model by name, or call ``package.module:callable`` / ``file.py:callable``.
+
+    Weights are initialised; pretrained and trained weights are loaded by ftwt_cli.runtime.load_model.
+    """
     if not is_user_model(spec):
         entry = REGISTRY.get(spec)
         if entry is None:
-            raise BadInput(f"unknown model {spec!r}; known: {', '.join(REGISTRY)} (or package.module:callable)")
-        if pretrained and not entry.supports_pretrained:
-            raise BadInput(f"model {spec!r} has no pretrained weights; train a dense baseline with 'ftwt train --dense'")
-        return entry.build(num_classes=num_classes, pretrained=True) if pretrained else entry.build(num_classes=num_classes)
-    if pretrained:
-        raise BadInput("--pretrained applies to registry models only")
+            raise BadInput(
+                f"unknown model {spec!r}; known: {', '.join(REGISTRY)} (or package.module:callable, path/to/file.py:callable)"
+            )
+        return entry.build(num_classes=num_classes)
     factory = _load_callable(spec)
     try:
         model = factory(num_classes=num_classes)
     except TypeError as exc:
-        raise BadInput(f"model callable {spec!r} must accept num_classes: {exc}") from None
+        raise BadInput(f"model callable {spec!r} must accept num_classes (def build(num_classes=10): ...): {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - user code: report, don't crash with a traceback
+        raise BadInput(f"model callable {spec!r} failed with num_classes={num_classes}: {type(exc).__name__}: {exc}") from None
     if not isinstance(model, nn.Module):
         raise BadInput(f"model callable {spec!r} returned {type(model).__name__}, not an nn.Module")
     return model
@@ -71,26 +75,35 @@ def _load_callable(spec: str) -> Callable[..., nn.Module]:
     location, _, attribute = spec.rpartition(":")
     if not location or not attribute:
         raise BadInput(f"model spec {spec!r} must look like package.module:callable or path/to/file.py:callable")
-    if location.endswith(".py") or "/" in location:
-        path = Path(location)
+    if location.endswith(".py") or "/" in location or "\\" in location:
+        path = Path(location).expanduser()
         if not path.is_file():
-            raise BadInput(f"model file not found: {location}")
+            raise BadInput(f"model file not found: {location} (give path/to/file.py:callable)")
         module_name = f"ftwt_user_model_{abs(hash(str(path.resolve())))}"
-        module_spec = importlib.util.spec_from_file_location(module_name, path)
+        # An explicit source loader: any file name is read as Python source, never looked up by suffix.
+        loader = importlib.machinery.SourceFileLoader(module_name, str(path))
+        module_spec = importlib.util.spec_from_loader(module_name, loader)
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[module_name] = module  # fx tracing and pickling look modules up by name
         try:
-            module_spec.loader.exec_module(module)
+            loader.exec_module(module)
         except Exception as exc:  # noqa: BLE001 - user code: report, don't crash with a traceback
-            raise BadInput(f"could not import model file {location}: {type(exc).__name__}: {exc}") from None
+            sys.modules.pop(module_name, None)
+            detail = " ".join(str(exc).split())[:200]
+            raise BadInput(
+                f"could not import model file {location} as Python source: {type(exc).__name__}: {detail}"
+            ) from None
     else:
         try:
             module = importlib.import_module(location)
-        except ImportError as exc:
-            raise BadInput(f"could not import model module {location!r}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - ImportError, or an error inside the user's module
+            raise BadInput(
+                f"could not import model module {location!r}: {type(exc).__name__}: {exc} "
+                "(is it on PYTHONPATH? a file is given as path/to/file.py:callable)"
+            ) from None
     factory = getattr(module, attribute, None)
     if not callable(factory):
-        raise BadInput(f"{location} has no callable named {attribute!r}")
+        raise BadInput(f"{location} has no callable named {attribute!r} (the part after ':' names a function or class in it)")
     return factory
 
 

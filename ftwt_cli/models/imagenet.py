@@ -1,17 +1,12 @@
-"""ImageNet models from torchvision; ``pretrained`` uses torchvision's own weights download (opt-in)."""
+"""ImageNet models from torchvision (initialised weights; runtime.pretrained_weights fetches torchvision's
+pretrained state_dicts, which load through the same path as any checkpoint)."""
 
 import torchvision
 
 
 def _torchvision(name: str):
-    def build(num_classes: int = 1000, pretrained: bool = False):
-        builder = getattr(torchvision.models, name)
-        if pretrained:
-            model = builder(weights="DEFAULT")
-            if num_classes != 1000:
-                raise ValueError(f"pretrained {name} weights have 1000 classes, not {num_classes}")
-            return model
-        return builder(weights=None, num_classes=num_classes)
+    def build(num_classes: int = 1000):
+        return getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
 
     build.__name__ = name
     return build

@@ -1,0 +1,182 @@
+"""Run every benchmark and write one results table, ``benchmarks/results.md``.
+
+Each benchmark runs as its own process (``--quick --json`` with ``--quick``), its JSON is kept under
+``--out`` (default ``benchmarks/results/``), and every figure is put next to its goal: met or not.
+``--from DIR`` rebuilds the table from JSON documents saved earlier (one per benchmark, named as below),
+so a table can be assembled from runs taken one at a time on a loaded machine.
+
+    python benchmarks/run_all.py --quick            # everything, about an hour on 2 CPU cores
+    python benchmarks/run_all.py --from benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+#: name → (script arguments after the script, summariser of its JSON into table rows)
+Row = tuple[str, str, str, bool | None]  # figure, goal, measured, met (None: reported, no goal)
+
+
+def _estimate(doc: dict) -> list[Row]:
+    goal = doc["goal"]
+    return [
+        (f"`ftwt estimate` pass ÷ dense forward, {r['model']} (21 / 101 ratios)", f"≤ {goal}",
+         f"{r['ratio_21']:.2f} / {r['ratio_101']:.2f}", r["ratio_21"] <= goal and r["ratio_101"] <= goal)
+        for r in doc["results"]
+    ]
+
+
+def _search(doc: dict) -> list[Row]:
+    return [(
+        f"`ftwt search --target-flops {doc['target']:g}`: data passes for {len(doc['steps'])} bisection steps",
+        "1 pass", "1 pass" if not doc["cascade"] else f"{len(doc['steps'])} passes", not doc["cascade"],
+    ), (
+        "search: estimate of the chosen r vs the target", f"± {doc['tolerance']:g} points",
+        f"{doc['estimated_reduction_pct']:.2f} % (r = {doc['chosen_r']:.4f})", bool(doc["converged"]),
+    )]
+
+
+def _train(doc: dict) -> list[Row]:
+    goal = doc["goal"]
+    return [(f"FTWT training step ÷ dense step, {r['model']}", f"≤ {goal}", f"{r['ratio']:.2f}", r["ratio"] <= goal) for r in doc["results"]]
+
+
+LATENCY_GOALS = {"resnet34": 0.75, "vgg16_bn": 0.5, "resnet56": 0.0}
+
+
+def _latency(doc: dict) -> list[Row]:
+    rows: list[Row] = []
+    for model, r in doc.items():
+        if not isinstance(r, dict) or "ratio" not in r:
+            continue
+        goal = LATENCY_GOALS.get(model)
+        rows.append((
+            f"latency ↓ ÷ FLOPs ↓, {model}, batch 1, {r.get('threads', 1)} thread(s), at {r['flops_reduction_pct']:.1f} % FLOPs ↓",
+            f"≥ {goal:g}" if goal is not None else "reported",
+            f"{r['ratio']:.2f} ({r['dense_ms']:.2f} → {r['engine_ms']:.2f} ms)",
+            None if goal is None else r["ratio"] >= goal,
+        ))
+    return rows
+
+
+def _budget(doc: dict) -> list[Row]:
+    rows: list[Row] = []
+    for r in doc["targets"]:
+        p, head = r["target_pct"], r["variant"]
+        rows += [
+            (f"budget {p:g} % ({head} head): reached, raw heads", "within 2 points", f"{r['reached_raw_pct']:.1f} %", r["goals"]["raw_within_2"]),
+            (f"budget {p:g} % ({head} head): reached, calibrated", "within 1 point", f"{r['reached_calibrated_pct']:.1f} %", r["goals"]["calibrated_within_1"]),
+            (f"budget {p:g} % ({head} head): top-1 as trained → calibrated", "cost ≤ 1 point",
+             f"{r['top1_trained']:.1f} → {r['top1_calibrated']:.1f} %", r["goals"]["calibration_top1_cost_le_1"]),
+        ]
+    return rows
+
+
+def _compare(doc: dict) -> list[Row]:
+    rows = {r["method"]: r for r in doc["rows"]}
+    out: list[Row] = [
+        (f"{m}: top-1 at {r['flops_reduction_pct']:.1f} % FLOPs ↓", "reported", f"{r['top1']:.1f} %", None) for m, r in rows.items()
+    ]
+    if "ftwt" in rows and "static-uniform" in rows:
+        gap = rows["ftwt"]["top1"] - rows["static-uniform"]["top1"]
+        out.append(("FTWT − static uniform, top-1 at equal FLOPs", "≥ +2 points", f"{gap:+.1f} points", gap >= 2.0))
+    return out
+
+
+BENCHMARKS: dict[str, tuple[list[str], Callable[[dict], list[Row]]]] = {
+    "estimate_overhead": (["estimate_overhead.py"], _estimate),
+    "search": (["-m", "ftwt_cli", "search", "--model", "resnet20", "--data", "imagefolder:{data}", "--target-flops", "50"], _search),
+    "train_overhead": (["train_overhead.py"], _train),
+    "latency": (["latency.py"], _latency),
+    "budget": (["budget.py"], _budget),
+    "compare": (["compare.py"], _compare),
+}
+
+
+def run(name: str, quick: bool, out: Path, data: str) -> dict:
+    args, _ = BENCHMARKS[name]
+    command = [sys.executable, *[a.format(data=data) for a in args], "--json"]
+    if args[0].endswith(".py"):
+        command[1] = str(HERE / args[0])
+        command += ["--quick"] if quick else []
+    print(f"== {name}: {' '.join(command[1:])}", file=sys.stderr, flush=True)
+    started = time.time()
+    done = subprocess.run(command, cwd=HERE.parent, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(HERE)})
+    if done.returncode != 0:
+        raise SystemExit(f"{name} failed with exit code {done.returncode}")
+    doc = json.loads(done.stdout)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"   {name}: {time.time() - started:.0f} s", file=sys.stderr, flush=True)
+    return doc
+
+
+def table(docs: dict[str, dict], note: str) -> str:
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+        f"{datetime.date.today().isoformat()}. {note}",
+        "",
+        "| benchmark | figure | goal | measured | met |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, doc in docs.items():
+        for figure, goal, measured, met in BENCHMARKS[name][1](doc):
+            mark = "–" if met is None else ("yes" if met else "**no**")
+            lines.append(f"| {name} | {figure} | {goal} | {measured} | {mark} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="every benchmark with --quick")
+    parser.add_argument("--json", action="store_true", help="print every benchmark's document as one JSON document")
+    parser.add_argument("--only", default=",".join(BENCHMARKS), help="comma list of benchmarks to run")
+    parser.add_argument("--from", dest="source", default=None, help="build the table from saved JSON documents instead")
+    parser.add_argument("--out", default=str(HERE / "results"), help="where each benchmark's JSON is kept")
+    parser.add_argument("--table", default=str(HERE / "results.md"))
+    parser.add_argument("--data", default=None, help="cifar10-mini root (default: beside the repository)")
+    parser.add_argument("--note", default="", help="a sentence for the table's header (load, how the runs were taken)")
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(HERE))
+    from _common import CIFAR10_MINI
+
+    names = [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        print(f"error: unknown benchmark {unknown[0]!r} (known: {', '.join(BENCHMARKS)})", file=sys.stderr)
+        return 2
+    docs: dict[str, dict] = {}
+    for name in names:
+        if args.source:
+            path = Path(args.source) / f"{name}.json"
+            if path.is_file():
+                docs[name] = json.loads(path.read_text())
+        else:
+            docs[name] = run(name, args.quick, Path(args.out), args.data or CIFAR10_MINI)
+    text = table(docs, args.note or ("All runs with --quick." if args.quick else ""))
+    tmp = Path(args.table).with_suffix(".md.tmp")
+    tmp.write_text(text)
+    tmp.replace(args.table)
+    print(text, file=sys.stderr)
+    if args.json:
+        print(json.dumps(docs))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
