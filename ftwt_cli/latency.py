@@ -19,8 +19,9 @@ from ftwt_cli.engine import build_engine, dense_fallback
 from ftwt_cli.flops import FlopsCounter
 from ftwt_cli.gating import FTWTModel
 
-#: Calibration images for the engine's per-layer and whole-engine choice (taken from the layout images).
-CALIBRATION_IMAGES = 4
+#: Calibration images for the engine's per-layer and whole-engine choice (taken from the layout images;
+#: each timed round sees images of its own, 2 per round at the default 3 rounds + warm-up).
+CALIBRATION_IMAGES = 8
 
 
 def _timed(fn, x: torch.Tensor) -> float:
