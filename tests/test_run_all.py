@@ -1,0 +1,40 @@
+"""benchmarks/run_all.py: the results table is built from each benchmark's JSON, with goals met or not."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "run_all.py"
+
+
+@pytest.fixture(scope="module")
+def run_all():
+    spec = importlib.util.spec_from_file_location("run_all", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_table_from_saved_documents_marks_goals(run_all, tmp_path):
+    saved = tmp_path / "results"
+    saved.mkdir()
+    (saved / "train_overhead.json").write_text(json.dumps({"goal": 1.15, "results": [
+        {"model": "vgg16_bn", "ratio": 1.03}, {"model": "resnet56", "ratio": 1.30}]}))
+    (saved / "compare.json").write_text(json.dumps({"rows": [
+        {"method": "ftwt", "flops_reduction_pct": 50.1, "top1": 60.0},
+        {"method": "static-uniform", "flops_reduction_pct": 50.0, "top1": 57.0}]}))
+    table = tmp_path / "results.md"
+    assert run_all.main(["--from", str(saved), "--table", str(table), "--note", "test"]) == 0
+    text = table.read_text()
+    assert "| train_overhead | FTWT training step ÷ dense step, vgg16_bn | ≤ 1.15 | 1.03 | yes |" in text
+    assert "| train_overhead | FTWT training step ÷ dense step, resnet56 | ≤ 1.15 | 1.30 | **no** |" in text
+    assert "| compare | FTWT − static uniform, top-1 at equal FLOPs | ≥ +2 points | +3.0 points | yes |" in text
+    assert "budget" not in text.split("| --- |")[-1]  # benchmarks without a saved document are left out
+
+
+def test_unknown_benchmark_is_refused(run_all, tmp_path):
+    assert run_all.main(["--only", "nonsense", "--from", str(tmp_path)]) == 2
