@@ -186,25 +186,35 @@ def is_calibrated(model: FTWTModel) -> bool:
     return any(bool(b.head.logit_offset.abs().max() > 0) for b in model.blocks)
 
 
-@dataclass
-class CalibratedCheckpoint:
-    """``ftwt calibrate``'s result: the calibration and the test split before and after it."""
+def before_and_after(model: FTWTModel, test: Callable, run: Callable[[], Calibration]) -> tuple[dict, object, object]:
+    """Calibrate with ``run()`` and measure ``test(label) -> (metrics, stats)`` three ways: the raw heads
+    (offsets removed), the heads as given (their offsets, e.g. set when training froze them) and
+    calibrated. Returns the record stored in checkpoints and run summaries, and the raw and calibrated
+    per-layer statistics."""
+    given_offsets = [head.logit_offset.clone() for head in model.heads()]
+    clear(model)
+    raw, raw_stats = test("test (raw heads)")
+    for head, offset in zip(model.heads(), given_offsets):
+        head.logit_offset.copy_(offset)
+    given, _ = test("test (as trained)")
+    result = run()
+    tuned, tuned_stats = test("test (calibrated)")
+    record = {
+        **result.to_meta(),
+        "test_top1_raw": raw.test_top1,
+        "test_top1_trained": given.test_top1,
+        "test_top1_calibrated": tuned.test_top1,
+        "test_reduction_raw_pct": raw.flops_reduction_with_heads_pct,
+        "test_reduction_trained_pct": given.flops_reduction_with_heads_pct,
+        "test_reduction_calibrated_pct": tuned.flops_reduction_with_heads_pct,
+    }
+    return record, raw_stats, tuned_stats
 
-    path: str
-    calibration: Calibration
-    split: str  # where the thresholds were chosen: "val" (held out by the run) or "train"
-    test_top1_raw: float
-    test_top1_calibrated: float
-    test_reduction_raw_pct: float
-    test_reduction_calibrated_pct: float
 
-    def to_dict(self) -> dict:
-        return {**asdict(self), "calibration": self.calibration.to_meta()}
-
-
-def calibrate_checkpoint(cfg, checkpoint: str, target_pct: float, out: str, show: Callable = progress_bar) -> CalibratedCheckpoint:
+def calibrate_checkpoint(cfg, checkpoint: str, target_pct: float, out: str, show: Callable = progress_bar) -> dict:
     """Calibrate an FTWT checkpoint to ``target_pct`` on the training images its run held out (the same
-    seeded split, from the checkpoint's record) and save it to ``out``; the test split is only reported."""
+    seeded split, from the checkpoint's record), save it to ``out`` and return the calibration record;
+    the test split is only reported."""
     from ftwt_cli import checkpoint as ckpt
     from ftwt_cli import runtime
     from ftwt_cli.config import resolve_device
@@ -227,21 +237,15 @@ def calibrate_checkpoint(cfg, checkpoint: str, target_pct: float, out: str, show
     if held is None:
         held, split = runtime.dataset(held_cfg, "train"), "train"
     test_loader = make_loader(runtime.dataset(cfg, "test"), cfg.batch_size, workers=cfg.workers)
-    raw, _ = validate(model, test_loader, device, target, show=show, label="test (as given)")
-    try:
-        result = calibrate(model, make_loader(held, cfg.batch_size, workers=cfg.workers), device, target_pct, show=show)
-    except CalibrationError as exc:
-        raise BadInput(str(exc)) from None
-    tuned, _ = validate(model, test_loader, device, target, show=show, label="test (calibrated)")
-    record = CalibratedCheckpoint(
-        path=str(out),
-        calibration=result,
-        split=split,
-        test_top1_raw=raw.test_top1,
-        test_top1_calibrated=tuned.test_top1,
-        test_reduction_raw_pct=raw.flops_reduction_with_heads_pct,
-        test_reduction_calibrated_pct=tuned.flops_reduction_with_heads_pct,
-    )
-    calibration_meta = {**result.to_meta(), "split": split, **{k: v for k, v in asdict(record).items() if k.startswith("test_")}}
-    ckpt.save_checkpoint(out, model, {**meta, "calibration": calibration_meta})
-    return record
+    held_loader = make_loader(held, cfg.batch_size, workers=cfg.workers)
+
+    def run() -> Calibration:
+        try:
+            return calibrate(model, held_loader, device, target_pct, show=show)
+        except CalibrationError as exc:
+            raise BadInput(str(exc)) from None
+
+    record, _, _ = before_and_after(model, lambda label: validate(model, test_loader, device, target, show=show, label=label), run)
+    record["split"] = split
+    ckpt.save_checkpoint(out, model, {**meta, "calibration": record})
+    return {"path": str(out), **record}

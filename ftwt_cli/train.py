@@ -46,7 +46,7 @@ from ftwt_cli.errors import BadInput
 from ftwt_cli.estimate import UnreachableTarget, find_ratio
 from ftwt_cli.flops import FlopsCounter
 from ftwt_cli.calibrate import Calibration, CalibrationError, calibrate
-from ftwt_cli.calibrate import clear as clear_offsets
+from ftwt_cli.calibrate import before_and_after
 from ftwt_cli.gating import FTWTModel, Target, head_loss, make_target, truth_masks
 from ftwt_cli.metrics import MaskStats
 
@@ -780,36 +780,22 @@ class Run:
             if self.dist.enabled:
                 torch_dist.broadcast(tensor.data, src=0)
         test = functools.partial(validate, self.model, self.test_loader, self.device, self.target, self.dist, self.show)
-        trained_offsets = [head.logit_offset.clone() for head in self.model.heads()]
-        clear_offsets(self.model)
-        raw, raw_stats = test(label="test (raw heads)")
-        for head, offset in zip(self.model.heads(), trained_offsets):
-            head.logit_offset.copy_(offset)
-        trained, _ = test(label="test (as trained)")
-        result = self._calibrate("best.pt")
-        tuned, stats = test(label="test (calibrated)")
-        record = {
-            **result.to_meta(),
+        record, raw_stats, stats = before_and_after(self.model, lambda label: test(label=label), lambda: self._calibrate("best.pt"))
+        record |= {
             "split": "val" if self.val_loader is not None else "train",
             "calibrated_at_freeze": self.spec.freeze_epoch < self.spec.epochs,
             "best_epoch": self.best_epoch,
-            "test_top1_raw": raw.test_top1,
-            "test_top1_trained": trained.test_top1,
-            "test_top1_calibrated": tuned.test_top1,
-            "test_reduction_raw_pct": raw.flops_reduction_with_heads_pct,
-            "test_reduction_trained_pct": trained.flops_reduction_with_heads_pct,
-            "test_reduction_calibrated_pct": tuned.flops_reduction_with_heads_pct,
         }
         self.layer_history += layer_rows(self.spec.epochs, "best-raw", raw_stats) + layer_rows(self.spec.epochs, "best-calibrated", stats)
         if self.dist.is_main and self.run_dir is not None:
-            meta = {**self.meta, "epoch": self.spec.epochs, "test_top1": tuned.test_top1, "calibration": record}
+            meta = {**self.meta, "epoch": self.spec.epochs, "test_top1": record["test_top1_calibrated"], "calibration": record}
             ckpt.save_checkpoint(self.run_dir / BEST_FILE, self.model, meta)
             text = pd.DataFrame(self.layer_history).to_csv(index=False).encode()
             ckpt.atomic_write_bytes(self.run_dir / LAYERS_FILE, lambda f: f.write(text))
         self.log(
-            f"best.pt on the test split: raw heads {raw.flops_reduction_with_heads_pct:.2f}% FLOPs ↓ / top-1 {raw.test_top1:.2f}%, "
-            f"as trained {trained.flops_reduction_with_heads_pct:.2f}% / {trained.test_top1:.2f}%, "
-            f"calibrated {tuned.flops_reduction_with_heads_pct:.2f}% / {tuned.test_top1:.2f}%"
+            "best.pt on the test split (FLOPs ↓ / top-1): "
+            + ", ".join(f"{what} {record[f'test_reduction_{key}_pct']:.2f}% / {record[f'test_top1_{key}']:.2f}%"
+                        for what, key in (("raw heads", "raw"), ("as trained", "trained"), ("calibrated", "calibrated")))
         )
         return record
 

@@ -126,7 +126,8 @@ def test_calibrate_command_writes_a_new_checkpoint_that_eval_measures(runs, run_
         result = run_cli("calibrate", raw, "--profile", "smoke", "--target-flops", target, "--out", out, "--json")
         assert result.exit_code == 0, result.stderr
         doc = json.loads(result.stdout)
-        assert abs(doc["calibration"]["reached_pct"] - target) <= 0.5 and doc["split"] == "val"
+        assert abs(doc["reached_pct"] - target) <= 0.5 and doc["split"] == "val"
+        assert {"test_top1_raw", "test_top1_trained", "test_top1_calibrated"} <= set(doc)
         evaluated = run_cli("eval", "--profile", "smoke", "--checkpoint", out, "--json")
         reached[target] = json.loads(evaluated.stdout)["models"][0]["flops_reduction_with_heads_pct"]
         assert reached[target] == pytest.approx(doc["test_reduction_calibrated_pct"], abs=1e-6)

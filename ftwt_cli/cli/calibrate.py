@@ -60,13 +60,14 @@ def calibrate_command(
         profile, model=model, data=data, batch_size=batch_size, device=device, data_root=data_root,
         download=download, workers=workers,
     )  # fmt: skip
-    result = calibrate_checkpoint(cfg, str(source), target_flops, str(destination))
-    c = result.calibration
-    table = Table("", "raw heads", "calibrated", title=f"ftwt calibrate → {destination}")
-    table.add_row(f"FLOPs ↓ ({c.images} held-out images)", f"{c.raw_pct:.2f}%", f"{c.reached_pct:.2f}%")
-    table.add_row("FLOPs ↓ (test)", f"{result.test_reduction_raw_pct:.2f}%", f"{result.test_reduction_calibrated_pct:.2f}%")
-    table.add_row("top-1 (test)", f"{result.test_top1_raw:.2f}%", f"{result.test_top1_calibrated:.2f}%")
+    record = calibrate_checkpoint(cfg, str(source), target_flops, str(destination))
+    table = Table("", "FLOPs ↓", "top-1", title=f"ftwt calibrate → {destination}")
+    table.add_row(f"held-out images ({record['images']}), before → after", f"{record['raw_pct']:.2f}% → {record['reached_pct']:.2f}%", "")
+    for what, key in (("test, raw heads", "raw"), ("test, as given", "trained"), ("test, calibrated", "calibrated")):
+        table.add_row(what, f"{record[f'test_reduction_{key}_pct']:.2f}%", f"{record[f'test_top1_{key}']:.2f}%")
     console.print(table)
-    console.print(f"target {c.target_pct:g}% (heads included): per-layer keep rates of the ground truth at r' = {c.ratio:.4f}")
+    console.print(
+        f"target {record['target_pct']:g}% (heads included): per-layer keep rates of the ground truth at r' = {record['ratio']:.4f}"
+    )
     if json_out:
-        emit_json(result.to_dict())
+        emit_json(record)
