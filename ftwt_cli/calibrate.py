@@ -217,14 +217,13 @@ def calibrate_checkpoint(cfg, checkpoint: str, target_pct: float, out: str, show
     the test split is only reported."""
     from ftwt_cli import checkpoint as ckpt
     from ftwt_cli import runtime
-    from ftwt_cli.config import resolve_device
+    from ftwt_cli.config import check_target_flops, resolve_device
     from ftwt_cli.data import make_loader
     from ftwt_cli.errors import BadInput
     from ftwt_cli.gating import make_target
     from ftwt_cli.train import validate
 
-    if not 0.0 < target_pct < 100.0:
-        raise BadInput(f"--target-flops is a percent of FLOPs to remove and must be in (0, 100), got {target_pct:g}")
+    check_target_flops(target_pct)  # before anything is loaded
     loaded = runtime.load_model(cfg, checkpoint, require="ftwt")
     meta = loaded.meta
     device = resolve_device(cfg.device)

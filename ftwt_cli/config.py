@@ -200,6 +200,13 @@ def validate(c: Config) -> None:
     parse_ratios(c.ratios)
 
 
+def check_target_flops(target_pct: float) -> float:
+    """A FLOPs budget is the percent of dense FLOPs to remove: (0, 100), else BadInput."""
+    if not (0.0 < target_pct < 100.0):  # also rejects NaN
+        raise BadInput(f"--target-flops is a percent of FLOPs to remove and must be in (0, 100), got {target_pct:g}")
+    return float(target_pct)
+
+
 def parse_ratios(text: str) -> list[float]:
     """``0.9,0.95`` or the inclusive range ``start:stop:step``; every value must lie in (0, 1]."""
     text = str(text).strip()

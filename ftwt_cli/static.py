@@ -38,6 +38,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
+from ftwt_cli.config import check_target_flops
 from ftwt_cli.errors import BadInput
 from ftwt_cli.graph import analyze
 
@@ -436,9 +437,7 @@ def apply_signature(model, kept: dict[str, int]) -> list:
 def check_target(target_pct: float | None, what: str) -> float:
     if target_pct is None:
         raise BadInput(f"{what} needs --target-flops P (percent of FLOPs to remove)")
-    if not (0.0 < target_pct < 100.0):
-        raise BadInput(f"--target-flops is a percent of FLOPs to remove and must be in (0, 100), got {target_pct:g}")
-    return float(target_pct)
+    return check_target_flops(target_pct)
 
 
 def _dense_init(cfg, init: str | None):

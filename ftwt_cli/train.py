@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from ftwt_cli import checkpoint as ckpt
 from ftwt_cli import runtime, static
-from ftwt_cli.config import Config, resolve_device
+from ftwt_cli.config import Config, check_target_flops, resolve_device
 from ftwt_cli.config import validate as validate_config
 from ftwt_cli.console import console, progress_bar
 from ftwt_cli.data import make_loader
@@ -246,8 +246,8 @@ class RunSpec:
                 "dynamic training needs --init with dense weights: an ftwt checkpoint or state_dict FILE, or torchvision; "
                 f"train them with 'ftwt train --dense --model {self.config.model}'"
             )
-        if self.target_flops is not None and not (0.0 < self.target_flops < 100.0):
-            raise BadInput(f"--target-flops is a percent of FLOPs to remove and must be in (0, 100), got {self.target_flops:g}")
+        if self.target_flops is not None:
+            check_target_flops(self.target_flops)
 
 
 def parse_milestones(text: str) -> list[int]:
@@ -391,11 +391,6 @@ def validate(
     if stats is not None:
         stats.reduce(dist.all_sum)
     return summarise(correct, count, stats), stats
-
-
-def evaluate(model, loader, device, target=None, dist: Distributed = Distributed(), show: Callable = progress_bar) -> TestMetrics:
-    """Top-1, head accuracy and measured FLOPs of ``model`` on ``loader`` (see :func:`validate`)."""
-    return validate(model, loader, device, target, dist, show)[0]
 
 
 def layer_rows(epoch: int, split: str, stats: MaskStats | None) -> list[dict]:

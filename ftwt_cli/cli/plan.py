@@ -29,7 +29,7 @@ from ftwt_cli.cli import (
     handle_errors,
     resolve_config,
 )
-from ftwt_cli.config import DEFAULT_PROFILE, list_profiles, parse_ratios, resolve_device
+from ftwt_cli.config import DEFAULT_PROFILE, check_target_flops, list_profiles, parse_ratios, resolve_device
 from ftwt_cli.console import console, emit_json
 from ftwt_cli.data import make_loader
 from ftwt_cli.errors import BadInput
@@ -59,8 +59,8 @@ def profiles_command(json_out: JsonOpt = False) -> None:
 
 
 def _check_target(target: float | None) -> None:
-    if target is not None and not (0.0 < target < 100.0):
-        raise BadInput(f"--target-flops is a percent of FLOPs to remove and must be in (0, 100), got {target:g}")
+    if target is not None:
+        check_target_flops(target)
 
 
 def _prepare(profile: str, **overrides):
