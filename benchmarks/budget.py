@@ -26,13 +26,12 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from _common import CIFAR10_MINI  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 from rich.console import Console
 from rich.table import Table
 
-from ftwt_cli import train as training
-from ftwt_cli.config import resolve
-
-from _common import CIFAR10_MINI  # noqa: E402 - benchmarks/ is on sys.path when run as a script
+from ftwt_cli.io.config import resolve
+from ftwt_cli.workflows import train as training
 
 console = Console(stderr=True)
 GOAL_RAW, GOAL_CALIBRATED, GOAL_TOP1_COST = 2.0, 1.0, 1.0

@@ -29,10 +29,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this tree's ftwt_cli, not an installed one
 
+from _common import CIFAR10_MINI  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 from rich.console import Console
 from rich.table import Table
-
-from _common import CIFAR10_MINI  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("ftwt", "static-uniform", "static-taylor", "signature-dynamic", "signature-static")
@@ -66,7 +65,7 @@ def ftwt(*args: str) -> dict:
 
 def finished(run_dir: Path, epochs: int) -> bool:
     """A run directory whose last.pt holds all ``epochs`` (last.pt is rewritten after every epoch)."""
-    from ftwt_cli.checkpoint import load_checkpoint
+    from ftwt_cli.io.checkpoint import load_checkpoint
 
     last = run_dir / "last.pt"
     return last.is_file() and load_checkpoint(last)["meta"].get("epoch") == epochs

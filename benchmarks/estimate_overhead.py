@@ -24,16 +24,15 @@ import time
 from pathlib import Path
 
 import torch
+from _common import CIFAR10_MINI  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 from rich.console import Console
 from rich.progress import Progress
 from torch.utils.data import DataLoader, TensorDataset
 
-from ftwt_cli.data import build_dataset, parse_data, subset
-from ftwt_cli.estimate import estimate
-from ftwt_cli.gating import FTWTModel
+from ftwt_cli.algorithms.estimate import estimate
+from ftwt_cli.core.gating import FTWTModel
+from ftwt_cli.io.data import build_dataset, parse_data, subset
 from ftwt_cli.models import create_model
-
-from _common import CIFAR10_MINI  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 
 DEFAULT_DATA = CIFAR10_MINI
 GOAL = 1.15

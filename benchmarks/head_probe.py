@@ -23,18 +23,18 @@ import sys
 
 import torch
 import torch.nn.functional as F
+from _common import CIFAR10_MINI  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 from rich.console import Console
 from rich.table import Table
 
-from ftwt_cli import runtime
-from ftwt_cli.config import resolve
+from ftwt_cli.algorithms.estimate import find_ratio
 from ftwt_cli.console import progress_bar
-from ftwt_cli.data import make_loader
-from ftwt_cli.estimate import find_ratio
-from ftwt_cli.flops import FlopsCounter
-from ftwt_cli.gating import CumulativeMassTarget, FTWTModel
-
-from _common import CIFAR10_MINI  # noqa: E402 - benchmarks/ is on sys.path when run as a script
+from ftwt_cli.core.flops import FlopsCounter
+from ftwt_cli.core.gating import FTWTModel
+from ftwt_cli.core.targets import CumulativeMassTarget
+from ftwt_cli.io import loading
+from ftwt_cli.io.config import resolve
+from ftwt_cli.io.data import make_loader
 
 console = Console(stderr=True)
 
@@ -152,14 +152,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     cfg = resolve("resnet56-cifar10", model=args.model, data=args.data, workers=0)
-    dense = runtime.load_model(cfg, args.checkpoint, require="dense").model
-    model = FTWTModel(dense, runtime.input_size(cfg))
-    train_loader = make_loader(runtime.dataset(cfg, "train", augment=True), 256)
-    search = find_ratio(model, make_loader(runtime.dataset(cfg, "train"), 256), torch.device("cpu"), args.target_flops, 0.25)
+    dense = loading.load_model(cfg, args.checkpoint, require="dense").model
+    model = FTWTModel(dense, loading.input_size(cfg))
+    train_loader = make_loader(loading.dataset(cfg, "train", augment=True), 256)
+    search = find_ratio(model, make_loader(loading.dataset(cfg, "train"), 256), torch.device("cpu"), args.target_flops, 0.25)
     target = CumulativeMassTarget(search.chosen_r)
     console.print(f"r = {search.chosen_r:.4f}, estimate {search.estimated_reduction_pct:.2f}% (no heads)")
     train_x, train_g = collect(model, train_loader, target, 1 if args.quick else args.passes, "cache train")
-    test_x, test_g = collect(model, make_loader(runtime.dataset(cfg, "test"), 256), target, 1, "cache test")
+    test_x, test_g = collect(model, make_loader(loading.dataset(cfg, "test"), 256), target, 1, "cache test")
     counter = FlopsCounter(model.graph)
     rows = []
     for name, (pool, transform, neg_weight, lr) in VARIANTS.items():

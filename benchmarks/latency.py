@@ -31,16 +31,15 @@ import sys
 from pathlib import Path
 
 import torch
-
-from ftwt_cli import runtime
-from ftwt_cli.config import resolve
-from ftwt_cli.console import console, emit_json
-from ftwt_cli.engine import build_engine, folded_dense
-from ftwt_cli.flops import FlopsCounter
-from ftwt_cli.gating import FTWTModel
-from ftwt_cli.latency import latency_report
-
 from _common import CIFAR10_MINI  # noqa: E402 - benchmarks/ is on sys.path when run as a script
+
+from ftwt_cli.console import console, emit_json
+from ftwt_cli.core.flops import FlopsCounter
+from ftwt_cli.core.gating import FTWTModel
+from ftwt_cli.engine import build_engine, folded_dense
+from ftwt_cli.engine.latency import latency_report
+from ftwt_cli.io import loading
+from ftwt_cli.io.config import resolve
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = f"imagefolder:{CIFAR10_MINI}"
@@ -212,8 +211,8 @@ def main() -> None:
     results = {}
     for name in models:
         cfg = resolve(None, model=name, data=DATA)
-        model = runtime.load_model(cfg, str(paths[name]), require="ftwt").model.eval()
-        test, train_set = runtime.dataset(cfg, "test"), runtime.dataset(cfg, "train")
+        model = loading.load_model(cfg, str(paths[name]), require="ftwt").model.eval()
+        test, train_set = loading.dataset(cfg, "test"), loading.dataset(cfg, "train")
         images = torch.stack([test[i][0] for i in range(min(samples, len(test)))])
         layout = torch.stack([train_set[i][0] for i in range(min(layout_count, len(train_set)))])
         size = tuple(images.shape[2:])

@@ -23,16 +23,16 @@ import time
 from pathlib import Path
 
 import torch
+from _common import CIFAR10_MINI  # noqa: E402 - benchmarks/ is on sys.path when run as a script
+from ftwt_cli.train import Objective, RunSpec, build_optimizers, train_step
 from rich.console import Console
 from rich.progress import Progress
 
-from ftwt_cli.config import resolve, resolve_device
-from ftwt_cli.data import build_dataset, parse_data, subset
-from ftwt_cli.gating import FTWTModel, make_target
+from ftwt_cli.core.gating import FTWTModel
+from ftwt_cli.core.targets import make_target
+from ftwt_cli.io.config import resolve, resolve_device
+from ftwt_cli.io.data import build_dataset, parse_data, subset
 from ftwt_cli.models import create_model
-from ftwt_cli.train import Objective, RunSpec, build_optimizers, train_step
-
-from _common import CIFAR10_MINI  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 
 DEFAULT_DATA = CIFAR10_MINI
 GOAL = 1.15

@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from ftwt_cli import runtime
-from ftwt_cli.checkpoint import save_checkpoint
-from ftwt_cli.config import resolve
+from ftwt_cli.io import loading
+from ftwt_cli.io.checkpoint import save_checkpoint
+from ftwt_cli.io.config import resolve
 from ftwt_cli.models import create_model
 
 USER_MODEL = """
@@ -50,9 +50,9 @@ def inputs(tmp_path_factory) -> Path:
     cfg = resolve("smoke")
     torch.manual_seed(0)
     smallnet = create_model("smallnet", 10)
-    save_checkpoint(root / "dense.pt", smallnet, runtime.dense_meta(cfg, 10))
-    save_checkpoint(root / "resnet20.pt", create_model("resnet20", 10), runtime.dense_meta(resolve("smoke", model="resnet20"), 10))
-    save_checkpoint(root / "dense100.pt", create_model("smallnet", 100), {**runtime.dense_meta(cfg, 100), "data": "cifar100"})
+    save_checkpoint(root / "dense.pt", smallnet, loading.dense_meta(cfg, 10))
+    save_checkpoint(root / "resnet20.pt", create_model("resnet20", 10), loading.dense_meta(resolve("smoke", model="resnet20"), 10))
+    save_checkpoint(root / "dense100.pt", create_model("smallnet", 100), {**loading.dense_meta(cfg, 100), "data": "cifar100"})
     torch.save(create_model("resnet20", 10).state_dict(), root / "resnet20_state.pt")
     torch.save(create_model("smallnet", 100).state_dict(), root / "smallnet100_state.pt")
     torch.save(create_model("smallnet", 2).state_dict(), root / "smallnet2_state.pt")

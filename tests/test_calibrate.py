@@ -12,13 +12,14 @@ import torch
 import ftwt_cli.cli.calibrate  # noqa: F401 - registers the commands on the app
 import ftwt_cli.cli.evaluate  # noqa: F401
 import ftwt_cli.cli.train  # noqa: F401
-from ftwt_cli import runtime
-from ftwt_cli.calibrate import CalibrationError, calibrate, clear, is_calibrated
-from ftwt_cli.checkpoint import load_checkpoint
-from ftwt_cli.config import resolve
-from ftwt_cli.data import make_loader
-from ftwt_cli.flops import FlopsCounter
-from ftwt_cli.gating import FTWTModel, HeadSpec
+from ftwt_cli.algorithms.calibration import CalibrationError, calibrate, clear, is_calibrated
+from ftwt_cli.core.flops import FlopsCounter
+from ftwt_cli.core.gating import FTWTModel
+from ftwt_cli.core.heads import HeadSpec
+from ftwt_cli.io import loading
+from ftwt_cli.io.checkpoint import load_checkpoint
+from ftwt_cli.io.config import resolve
+from ftwt_cli.io.data import make_loader
 from ftwt_cli.models import create_model
 
 
@@ -27,9 +28,9 @@ def quickstart():
     """The shipped, trained dense SmallNet with fresh (untrained) heads, and synthetic training images."""
     cfg = resolve("quickstart", samples=192)
     torch.manual_seed(0)
-    dense = runtime.load_model(cfg, cfg.checkpoint, require="dense").model
+    dense = loading.load_model(cfg, cfg.checkpoint, require="dense").model
     model = FTWTModel(dense, (32, 32), head=HeadSpec(norm=False))
-    batches = [images for images, _ in make_loader(runtime.dataset(cfg, "train"), 64)]
+    batches = [images for images, _ in make_loader(loading.dataset(cfg, "train"), 64)]
     return model, batches
 
 

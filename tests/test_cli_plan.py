@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 import torch
 
-from ftwt_cli.checkpoint import save_checkpoint
-from ftwt_cli.estimate import SEARCH_DEPTH, UnreachableTarget, bisect_ratio
-from ftwt_cli.gating import FTWTModel
+from ftwt_cli.algorithms.estimate import SEARCH_DEPTH, UnreachableTarget, bisect_ratio
+from ftwt_cli.core.gating import FTWTModel
+from ftwt_cli.io.checkpoint import save_checkpoint
 from ftwt_cli.models import create_model
 
 FAST = ("--profile", "smoke", "--samples", "64")

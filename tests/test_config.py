@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from ftwt_cli import config as config_mod
-from ftwt_cli.config import DEFAULT_PROFILE, PROFILE_DIR, Config, list_profiles, load_profile, parse_ratios, resolve
 from ftwt_cli.errors import BadInput
+from ftwt_cli.io import config as config_mod
+from ftwt_cli.io.config import DEFAULT_PROFILE, PROFILE_DIR, Config, list_profiles, load_profile, parse_ratios, resolve
 from ftwt_cli.models import REGISTRY
 
 SHIPPED = {

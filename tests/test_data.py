@@ -9,8 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from ftwt_cli.config import PROFILE_DIR, resolve
-from ftwt_cli.data import (
+from ftwt_cli.errors import BadInput
+from ftwt_cli.io.config import PROFILE_DIR, resolve
+from ftwt_cli.io.data import (
     CIFAR10_STATS,
     SyntheticImages,
     build_dataset,
@@ -19,7 +20,6 @@ from ftwt_cli.data import (
     parse_data,
     subset,
 )
-from ftwt_cli.errors import BadInput
 
 SYNTHETIC = parse_data("synthetic")
 QUICKSTART_CHECKPOINT = PROFILE_DIR / "checkpoints" / "quickstart-dense.pt"
@@ -124,16 +124,16 @@ def test_unknown_dataset_is_bad_input(spec):
 
 @pytest.mark.skipif(not QUICKSTART_CHECKPOINT.is_file(), reason=f"{QUICKSTART_CHECKPOINT} not trained yet")
 def test_quickstart_checkpoint_scores_over_90_percent_on_synthetic_test():
-    from ftwt_cli import runtime
+    from ftwt_cli.io import loading
 
     cfg = resolve("quickstart")
     assert Path(cfg.checkpoint) == QUICKSTART_CHECKPOINT.resolve()
     assert QUICKSTART_CHECKPOINT.stat().st_size < 1_000_000
-    loaded = runtime.load_model(cfg, cfg.checkpoint, require="dense")
+    loaded = loading.load_model(cfg, cfg.checkpoint, require="dense")
     model = loaded.model.eval()
     correct = total = 0
     with torch.no_grad():
-        for images, labels in make_loader(runtime.dataset(cfg, "test"), 250):
+        for images, labels in make_loader(loading.dataset(cfg, "test"), 250):
             correct += int((model(images).argmax(dim=1) == labels).sum())
             total += len(labels)
     assert total == 1000

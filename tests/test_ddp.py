@@ -11,9 +11,9 @@ import textwrap
 
 import torch
 
-from ftwt_cli import runtime
-from ftwt_cli.checkpoint import save_checkpoint
-from ftwt_cli.config import resolve
+from ftwt_cli.io import loading
+from ftwt_cli.io.checkpoint import save_checkpoint
+from ftwt_cli.io.config import resolve
 from ftwt_cli.models import create_model
 
 # Runs the real CLI entry point on every rank; after training each rank dumps the weights it ended with.
@@ -21,7 +21,7 @@ LAUNCHER = textwrap.dedent(
     """
     import os, sys
     import torch
-    from ftwt_cli import train as training
+    from ftwt_cli.workflows import train as training
 
     finish = training.Run.fit
 
@@ -42,7 +42,7 @@ LAUNCHER = textwrap.dedent(
 def test_two_processes_end_identical_with_one_run_directory(tmp_path):
     cfg = resolve("smoke")
     torch.manual_seed(0)
-    save_checkpoint(tmp_path / "dense.pt", create_model("smallnet", 10), runtime.dense_meta(cfg, 10))
+    save_checkpoint(tmp_path / "dense.pt", create_model("smallnet", 10), loading.dense_meta(cfg, 10))
     script = tmp_path / "launch.py"
     script.write_text(LAUNCHER)
     env = {**os.environ, "DUMP_DIR": str(tmp_path), "OMP_NUM_THREADS": "1"}

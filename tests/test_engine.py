@@ -12,12 +12,13 @@ import torch
 from torch import nn
 
 from ftwt_cli import engine as engine_mod
-from ftwt_cli import runtime
-from ftwt_cli.config import PROFILE_DIR, resolve
+from ftwt_cli.core.flops import FlopsCounter
+from ftwt_cli.core.gating import FTWTModel
+from ftwt_cli.core.heads import DecisionHead, HeadSpec
 from ftwt_cli.engine import build_engine, folded_dense
-from ftwt_cli.flops import FlopsCounter
-from ftwt_cli.gating import DecisionHead, HeadSpec, FTWTModel
-from ftwt_cli.latency import latency_report
+from ftwt_cli.engine.latency import latency_report
+from ftwt_cli.io import loading
+from ftwt_cli.io.config import PROFILE_DIR, resolve
 from ftwt_cli.models import REGISTRY, create_model
 
 MINI = Path(os.environ.get("FTWT_CIFAR10_MINI", Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-mini"))
@@ -31,7 +32,7 @@ def images() -> torch.Tensor:
     """Four cifar10-mini test images with the standard CIFAR normalisation."""
     if not MINI.is_dir():
         pytest.skip(f"real test images not found at {MINI}")
-    test = runtime.dataset(resolve(None, data=f"imagefolder:{MINI}"), "test")
+    test = loading.dataset(resolve(None, data=f"imagefolder:{MINI}"), "test")
     return torch.stack([test[i][0] for i in (0, 250, 500, 750)])
 
 
@@ -85,7 +86,7 @@ def test_engine_matches_masked_model(name, images):
 @pytest.mark.skipif(not QUICKSTART.is_file(), reason=f"quickstart checkpoint {QUICKSTART} not built yet")
 def test_engine_matches_quickstart_model(images):
     cfg = resolve("quickstart")
-    dense = runtime.load_model(cfg, str(QUICKSTART), require="dense").model
+    dense = loading.load_model(cfg, str(QUICKSTART), require="dense").model
     check_equivalent(gated(dense), images)
 
 
@@ -174,7 +175,7 @@ def test_calibrated_cost_model_stays_exact(images):
 
 
 def test_kernel_floor_reports_sliced_conv_bound(images):
-    from ftwt_cli.latency import kernel_floor
+    from ftwt_cli.engine.latency import kernel_floor
 
     model = gated(randomize_bn(create_model("smallnet", 10)))
     floor = kernel_floor(model, images[:2], reps=1)
@@ -288,7 +289,7 @@ def test_measured_choice_reports_every_layer_and_stays_exact():
 def test_per_layer_decision_follows_the_measured_times(monkeypatch):
     """With timings forced (sparse faster on even layers), exactly those layers run sparse; a layer
     whose every call is the full conv has nothing to choose and stays dense."""
-    from ftwt_cli.engine import fallback
+    from ftwt_cli.engine import choice
 
     model = toy("vgg", 32)
     with torch.no_grad():
@@ -299,7 +300,7 @@ def test_per_layer_decision_follows_the_measured_times(monkeypatch):
     def forced(step, samples, reps):
         return (1.0, 2.0) if position[id(step)] % 2 == 0 else (2.0, 1.0)
 
-    monkeypatch.setattr(fallback, "_layer_times", forced)
+    monkeypatch.setattr(choice, "_layer_times", forced)
     images = noise_images(32)
     report = engine.measure(images, whole=False)
     expected = [i % 2 == 0 for i in range(len(engine.steps))]
@@ -354,7 +355,7 @@ def test_sliced_shapes_are_padded_to_buckets_and_stay_exact():
     shapes = [(step, weight.shape) for step in engine.steps for key, (weight, _) in engine.cache.entries.items() if key[0] == step.key]
     assert shapes
     for step, shape in shapes:
-        assert shape[0] % step.bucket_out == 0 or shape[0] == step.out_channels
-        assert shape[1] % step.bucket_in == 0 or shape[1] == step.in_per_group
+        assert shape[0] % step.geometry.bucket_out == 0 or shape[0] == step.geometry.out_channels
+        assert shape[1] % step.geometry.bucket_in == 0 or shape[1] == step.geometry.in_per_group
     kept = {step.key: int(step.last_mask.sum()) for step in engine.steps if step.last_mask is not None}
     assert any(shape[0] > kept[step.key] for step, shape in shapes if step.key in kept), "some slice should be padded"

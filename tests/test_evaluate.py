@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
-import types
 
 import pandas as pd
 import pytest
@@ -12,15 +10,16 @@ import torch
 from PIL import Image
 
 import ftwt_cli.cli.evaluate  # noqa: F401 - registers the eval command on the app
-from ftwt_cli import evaluate as ev
-from ftwt_cli import runtime
-from ftwt_cli.checkpoint import save_checkpoint
-from ftwt_cli.config import resolve
-from ftwt_cli.data import make_loader
-from ftwt_cli.flops import FlopsCounter
-from ftwt_cli.metrics import MaskStats
-from ftwt_cli.graph import analyze
+from ftwt_cli.algorithms import evaluation, perturb
+from ftwt_cli.core.flops import FlopsCounter
+from ftwt_cli.core.graph import analyze
+from ftwt_cli.core.masks import DistinctRows, MaskStats
+from ftwt_cli.io import loading
+from ftwt_cli.io.checkpoint import save_checkpoint
+from ftwt_cli.io.config import resolve
+from ftwt_cli.io.data import make_loader
 from ftwt_cli.models import create_model
+from ftwt_cli.workflows import evaluate as ev
 
 QUICK = ["--blur-sigmas", "1.0", "--noise-sigmas", "0,0.1", "--samples", "32"]
 
@@ -36,15 +35,15 @@ def checkpoints(tmp_path_factory, smoke_cfg):
     folder = tmp_path_factory.mktemp("ckpt")
     torch.manual_seed(0)
     dense = create_model("smallnet", 10)
-    save_checkpoint(folder / "dense.pt", dense, runtime.dense_meta(smoke_cfg, 10))
-    ftwt = runtime.wrap(create_model("smallnet", 10), smoke_cfg)
+    save_checkpoint(folder / "dense.pt", dense, loading.dense_meta(smoke_cfg, 10))
+    ftwt = loading.wrap(create_model("smallnet", 10), smoke_cfg)
     with torch.no_grad():
         for head in ftwt.heads():
             head.proj.weight.zero_()
             half = head.proj.out_features // 2
             head.proj.bias[:half] = 5.0
             head.proj.bias[half:] = -5.0
-    meta = runtime.ftwt_meta(smoke_cfg, 10, 0.9) | {
+    meta = loading.ftwt_meta(smoke_cfg, 10, 0.9) | {
         "estimate": {"chosen_r": 0.9, "estimated_reduction_pct": 50.0, "target": 50.0}
     }
     save_checkpoint(folder / "ftwt.pt", ftwt, meta)
@@ -62,10 +61,10 @@ def run_eval(run_cli):
 
 
 def _evaluate(cfg, paths, perturbations=()):
-    loaded = [runtime.load_model(cfg, p) for p in paths]
-    models = [ev.EvaluatedModel(m, ev.describe(m.meta), torch.device("cpu")) for m in loaded]
-    loader = make_loader(runtime.dataset(cfg, "test", normalize=False), 32)
-    normalize = ev.Normalizer((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    loaded = [loading.load_model(cfg, p) for p in paths]
+    models = [ev.EvaluatedModel.of(m, ev.describe(m.meta), torch.device("cpu")) for m in loaded]
+    loader = make_loader(loading.dataset(cfg, "test", normalize=False), 32)
+    normalize = perturb.Normalizer((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     return ev.evaluate(models, loader, normalize, torch.device("cpu"), perturbations, seed=cfg.seed)
 
 
@@ -77,12 +76,12 @@ def test_brier_on_hand_computed_probabilities():
     labels = torch.tensor([0, 1, 2])
     # (0.3² + 0.2² + 0.1²), (0.1² + 0.9² + 0.8²), perfect
     expected = torch.tensor([0.14, 1.46, 0.0])
-    assert torch.allclose(ev.brier_scores(probs, labels), expected)
+    assert torch.allclose(evaluation.brier_scores(probs, labels), expected)
 
 
 def test_score_accumulator_top1_top5_and_brier():
     logits = torch.log(torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]]))
-    acc = ev.ScoreAccumulator()
+    acc = evaluation.ScoreAccumulator()
     acc.update(logits[:1], torch.tensor([0]))
     acc.update(logits[1:], torch.tensor([1]))
     result = acc.result()
@@ -97,20 +96,20 @@ def test_score_accumulator_top1_top5_and_brier():
 
 def test_noise_with_sigma_zero_equals_clean_input():
     images = torch.rand(4, 3, 8, 8)
-    noisy = ev.Perturbation("noise", 0.0).apply(images, seed=3, batch_index=2)
+    noisy = perturb.Perturbation("noise", 0.0).apply(images, seed=3, batch_index=2)
     assert torch.equal(noisy, images)
 
 
 def test_blur_and_noise_are_deterministic_under_a_seed():
     images = torch.rand(4, 3, 16, 16)
-    noise = ev.Perturbation("noise", 0.1)
+    noise = perturb.Perturbation("noise", 0.1)
     first, again = noise.apply(images, 7, 0), noise.apply(images, 7, 0)
     assert torch.equal(first, again)
     assert not torch.equal(first, images)
     assert not torch.equal(first, noise.apply(images, 8, 0))  # another seed
     assert not torch.equal(first, noise.apply(images, 7, 1))  # another batch
     assert first.min() >= 0 and first.max() <= 1  # clipped back to [0, 1]
-    blur = ev.Perturbation("blur", 1.09)
+    blur = perturb.Perturbation("blur", 1.09)
     blurred = blur.apply(images, 7, 0)
     assert torch.equal(blurred, blur.apply(images, 99, 5))
     assert blurred.std() < images.std()  # smoothing removes variance
@@ -118,20 +117,20 @@ def test_blur_and_noise_are_deterministic_under_a_seed():
 
 def test_blur_kernel_is_odd_and_covers_three_sigma():
     for sigma in (0.1, 0.5, 1.09, 1.45, 3.0):
-        size = ev.blur_kernel_size(sigma)
+        size = perturb.blur_kernel_size(sigma)
         assert size % 2 == 1 and size >= 3 and (size - 1) / 2 >= 3 * sigma
 
 
 def test_negative_sigma_is_rejected():
     with pytest.raises(ValueError):
-        ev.Perturbation("blur", -0.5)
+        perturb.Perturbation("blur", -0.5)
 
 
 # --- mask analysis ----------------------------------------------------------------------------------
 
 
 def test_distinct_rows_counts_constructed_masks_across_batches():
-    counter = ev.DistinctRows()
+    counter = DistinctRows()
     a = [1, 0, 1, 0, 1, 0, 1, 0, 1]  # 9 channels: the last one lives in the padding byte
     b = [1, 0, 1, 0, 1, 0, 1, 0, 0]  # differs from a only in channel 8
     c = [0] * 9
@@ -143,7 +142,7 @@ def test_distinct_rows_counts_constructed_masks_across_batches():
 
 def test_mask_accumulator_keep_core_clusters_and_head_accuracy(tiny_net):
     counter = FlopsCounter(analyze(tiny_net, (8, 8)))  # two blocks of 4 and 6 channels
-    acc = ev.MaskAccumulator(counter, ["conv1", "conv2"])
+    acc = MaskStats(counter, ["conv1", "conv2"])
     m1 = torch.tensor([[1, 1, 0, 0], [1, 0, 1, 0]], dtype=torch.bool)
     m2 = torch.ones(2, 6, dtype=torch.bool)
     truth1 = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)  # agreement 4/4 and 2/4
@@ -201,7 +200,7 @@ def test_ftwt_checkpoint_measures_the_masks_it_applies(smoke_cfg, checkpoints):
 
 
 def test_compared_models_see_identical_perturbed_inputs(smoke_cfg, checkpoints):
-    grid = ev.perturbation_grid([0.9], [0.0, 0.2])
+    grid = perturb.perturbation_grid([0.9], [0.0, 0.2])
     first, second = _evaluate(smoke_cfg, [checkpoints["ftwt"], checkpoints["ftwt"]], grid)
     assert [(p.perturbation, p.sigma) for p in first.brier] == [("blur", 0.9), ("noise", 0.0), ("noise", 0.2)]
     assert [p.brier for p in first.brier] == [p.brier for p in second.brier]
@@ -261,7 +260,7 @@ def test_cli_latency_hook(run_eval, checkpoints, monkeypatch):
         calls.append((type(model).__name__, tuple(images.shape), threads, cache_mb, model.training))
         return {"samples": len(images), "threads": threads, "dense_ms": 2.0, "engine_ms": 1.0}
 
-    monkeypatch.setitem(sys.modules, "ftwt_cli.latency", types.SimpleNamespace(latency_report=fake_report))
+    monkeypatch.setattr(ev, "latency_report", fake_report)
     result = run_eval(
         "--checkpoint", checkpoints["ftwt"], "--samples", "32",
         "--latency", "--latency-samples", "5", "--threads", "2", "--cache-mb", "8", "--json",
@@ -288,7 +287,7 @@ def test_cli_rejects_bad_options(run_eval, checkpoints, args, message):
 def test_cli_rejects_checkpoint_of_another_architecture(run_eval, checkpoints, smoke_cfg):
     other = checkpoints["folder"] / "resnet20.pt"
     cfg = resolve("smoke", model="resnet20")
-    save_checkpoint(other, create_model("resnet20", 10), runtime.dense_meta(cfg, 10))
+    save_checkpoint(other, create_model("resnet20", 10), loading.dense_meta(cfg, 10))
     result = run_eval("--checkpoint", checkpoints["dense"], "--compare", other, "--json")
     assert result.exit_code == 2 and result.stdout == ""
     assert "is for model 'resnet20'" in result.stderr.splitlines()[-1]
@@ -313,7 +312,7 @@ def test_cli_names_an_image_that_fails_to_decode(run_eval, tmp_path, workers):
     (tmp_path / "images" / "test" / "b" / "1.png").write_bytes(b"not a png")
     data = f"imagefolder:{tmp_path / 'images'}"
     cfg = resolve("smoke", data=data)
-    save_checkpoint(tmp_path / "dense.pt", create_model("smallnet", 2), runtime.dense_meta(cfg, 2))
+    save_checkpoint(tmp_path / "dense.pt", create_model("smallnet", 2), loading.dense_meta(cfg, 2))
     result = run_eval("--checkpoint", tmp_path / "dense.pt", "--data", data, "--workers", workers)
     assert result.exit_code == 2
     last = result.stderr.strip().splitlines()[-1]

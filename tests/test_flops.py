@@ -10,11 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ftwt_cli.data import SyntheticImages, build_transform, make_loader, parse_data
-from ftwt_cli.estimate import EstimateAccumulator, estimate
-from ftwt_cli.flops import FlopsCounter, count_kept, ratio_levels, thresholds_from_masks
-from ftwt_cli.gating import CumulativeMassTarget, FTWTModel, keep_thresholds
-from ftwt_cli.graph import analyze
+from ftwt_cli.algorithms.estimate import EstimateAccumulator, estimate
+from ftwt_cli.core.flops import FlopsCounter, count_kept, ratio_levels, thresholds_from_masks
+from ftwt_cli.core.gating import FTWTModel
+from ftwt_cli.core.graph import analyze
+from ftwt_cli.core.targets import CumulativeMassTarget, keep_thresholds
+from ftwt_cli.io.data import SyntheticImages, build_transform, make_loader, parse_data
 from ftwt_cli.models import create_model
 
 CIFAR_MODELS = ["smallnet", "vgg16_bn", "resnet20", "resnet56", "mobilenetv1"]

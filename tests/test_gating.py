@@ -7,13 +7,12 @@ import math
 import pytest
 import torch
 
-from ftwt_cli.gating import (
+from ftwt_cli.core.gating import binarize
+from ftwt_cli.core.heads import DecisionHead, HeadSpec
+from ftwt_cli.core.targets import (
     EPS,
     CumulativeMassTarget,
-    DecisionHead,
-    HeadSpec,
     TopKTarget,
-    binarize,
     ground_truth_mask,
     keep_thresholds,
     make_target,

@@ -7,15 +7,15 @@ import math
 
 import pytest
 import torch
+from test_engine import noise_images, toy
 
 import ftwt_cli.cli.evaluate  # noqa: F401 - registers `ftwt eval` on the app
-from ftwt_cli import runtime
-from ftwt_cli.checkpoint import save_checkpoint
-from ftwt_cli.config import resolve
-from ftwt_cli.flops import FlopsCounter
-from ftwt_cli.latency import latency_report
+from ftwt_cli.core.flops import FlopsCounter
+from ftwt_cli.engine.latency import latency_report
+from ftwt_cli.io import loading
+from ftwt_cli.io.checkpoint import save_checkpoint
+from ftwt_cli.io.config import resolve
 from ftwt_cli.models import create_model
-from test_engine import noise_images, toy
 
 LAYER_FIELDS = {"name", "block", "sparse", "sparse_us", "dense_us", "keep", "active_in", "macs"}
 
@@ -63,13 +63,13 @@ def test_dense_backbone_reports_no_reduction():
 def test_eval_latency_prints_per_layer_times_in_json_and_plots(run_cli, tmp_path):
     cfg = resolve("smoke", test_samples=8)
     torch.manual_seed(0)
-    ftwt = runtime.wrap(create_model("smallnet", 10), cfg)
+    ftwt = loading.wrap(create_model("smallnet", 10), cfg)
     with torch.no_grad():
         for head in ftwt.heads():  # keep the first half of every block's filters
             head.proj.weight.zero_()
             half = head.proj.out_features // 2
             head.proj.bias[:half], head.proj.bias[half:] = 5.0, -5.0
-    save_checkpoint(tmp_path / "ftwt.pt", ftwt, runtime.ftwt_meta(cfg, 10, 0.9))
+    save_checkpoint(tmp_path / "ftwt.pt", ftwt, loading.ftwt_meta(cfg, 10, 0.9))
     result = run_cli(
         "eval", "--profile", "smoke", "--checkpoint", tmp_path / "ftwt.pt", "--samples", "8",
         "--latency", "--latency-samples", "3", "--json", "--plots", tmp_path / "plots",

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ftwt_cli.core.gating import FTWTModel, GatedBlock
 from ftwt_cli.errors import BadInput
-from ftwt_cli.gating import FTWTModel, GatedBlock
 from ftwt_cli.models import REGISTRY, create_model
 
 # conv→BN pairs per model: VGG 13; CIFAR ResNet 1 + 2 per basic block; MobileNetV1 1 + 2 × 13;

@@ -11,7 +11,7 @@ from fnmatch import fnmatch
 from pathlib import Path
 
 import ftwt_cli
-from ftwt_cli import config as config_mod
+from ftwt_cli.io import config as config_mod
 
 try:
     import tomllib

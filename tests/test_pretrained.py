@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from ftwt_cli import runtime
-from ftwt_cli.config import resolve
 from ftwt_cli.errors import BadInput
+from ftwt_cli.io import loading
+from ftwt_cli.io.config import resolve
 from ftwt_cli.models import create_model
 
 MODEL = "mobilenet_v2"  # the smallest of the three torchvision models
@@ -36,7 +36,7 @@ def imagenet_like(tmp_path_factory) -> Path:
 def torch_home(tmp_path, monkeypatch) -> Path:
     """TORCH_HOME with torchvision's mobilenet_v2 file in place: a state_dict of known weights."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
-    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(runtime.torchvision_weights_url(MODEL)).name
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(loading.torchvision_weights_url(MODEL)).name
     path.parent.mkdir(parents=True)
     torch.manual_seed(3)
     torch.save(create_model(MODEL, 1000).state_dict(), path)
@@ -45,8 +45,8 @@ def torch_home(tmp_path, monkeypatch) -> Path:
 
 def test_profile_pretrained_loads_the_cached_torchvision_file(imagenet_like, torch_home):
     cfg = resolve("mobilenetv2-imagenet", data=f"imagefolder:{imagenet_like}")
-    assert cfg.pretrained and runtime.initial_weights(cfg, None) == runtime.TORCHVISION
-    loaded = runtime.load_model(cfg, None)  # pretrained = true and no checkpoint: torchvision's weights
+    assert cfg.pretrained and loading.initial_weights(cfg, None) == loading.TORCHVISION
+    loaded = loading.load_model(cfg, None)  # pretrained = true and no checkpoint: torchvision's weights
     assert loaded.path == str(torch_home) and loaded.kind == "dense"
     expected = torch.load(torch_home, weights_only=True)
     assert all(torch.equal(loaded.model.state_dict()[k], v) for k, v in expected.items())
@@ -58,7 +58,7 @@ def test_a_broken_download_fails_like_any_checkpoint(imagenet_like, torch_home):
     torch_home.write_bytes(data[: len(data) // 3])
     cfg = resolve("mobilenetv2-imagenet", data=f"imagefolder:{imagenet_like}")
     with pytest.raises(BadInput, match="cannot read checkpoint .* truncated"):
-        runtime.load_model(cfg, "torchvision")
+        loading.load_model(cfg, "torchvision")
 
 
 def test_missing_file_and_no_network_is_one_line(imagenet_like, tmp_path, monkeypatch):
@@ -70,7 +70,7 @@ def test_missing_file_and_no_network_is_one_line(imagenet_like, tmp_path, monkey
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     cfg = resolve("mobilenetv2-imagenet", data=f"imagefolder:{imagenet_like}")
     with pytest.raises(BadInput, match="cannot download torchvision's mobilenet_v2 weights .* put the file at"):
-        runtime.load_model(cfg, None)
+        loading.load_model(cfg, None)
 
 
 def test_pretrained_weights_need_1000_classes(torch_home, tmp_path):
@@ -80,7 +80,7 @@ def test_pretrained_weights_need_1000_classes(torch_home, tmp_path):
             Image.new("RGB", (8, 8)).save(tmp_path / "two" / split / name / "0.png")
     cfg = resolve("mobilenetv2-imagenet", data=f"imagefolder:{tmp_path / 'two'}")
     with pytest.raises(BadInput, match="has 1000 classes .* needs 2"):
-        runtime.load_model(cfg, None)
+        loading.load_model(cfg, None)
 
 
 def test_train_init_torchvision_through_the_cli(imagenet_like, torch_home, tmp_path, monkeypatch):

@@ -10,16 +10,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ftwt_cli import runtime, static
-from ftwt_cli import train as training
-from ftwt_cli.checkpoint import save_checkpoint
-from ftwt_cli.config import resolve
+from ftwt_cli.algorithms import static
+from ftwt_cli.core.gating import FTWTModel, head_loss, truth_masks
+from ftwt_cli.core.graph import analyze
+from ftwt_cli.core.targets import FixedCountTarget, make_target
 from ftwt_cli.errors import BadInput
-from ftwt_cli.gating import FixedCountTarget, FTWTModel, head_loss, make_target, truth_masks
-from ftwt_cli.graph import analyze
+from ftwt_cli.io import loading
+from ftwt_cli.io.checkpoint import save_checkpoint
+from ftwt_cli.io.config import resolve
 from ftwt_cli.models import create_model
 from ftwt_cli.models.mobilenet import MobileNetV1
 from ftwt_cli.models.vgg import VGG
+from ftwt_cli.workflows import train as training
+from ftwt_cli.workflows.train.objectives import Loss, detach_frozen_heads
 
 SIZE = (32, 32)
 
@@ -97,7 +100,7 @@ def pruned():
             if method == "uniform":
                 cache[name, method] = static.uniform(model, 50.0, SIZE)
             else:
-                cache[name, method] = static.taylor(model, 50.0, SIZE, batches())
+                cache[name, method] = static.taylor(model, 50.0, SIZE, batches)
         return cache[name, method]
 
     return get
@@ -146,11 +149,11 @@ def test_taylor_prunes_layers_unevenly(pruned):
 def test_static_checkpoint_is_rebuilt_from_its_history(tmp_path, pruned, name, monkeypatch):
     result = pruned(name, "taylor")
     cfg = resolve("smoke")
-    meta = {**runtime.dense_meta(cfg, 10), **result.meta(), "model": "toy"}
+    meta = {**loading.dense_meta(cfg, 10), **result.meta(), "model": "toy"}
     path = tmp_path / "static.pt"
     save_checkpoint(path, result.model, meta)
-    monkeypatch.setattr(runtime, "create_model", lambda spec, classes, pretrained=False: TOYS[name]())
-    loaded = runtime.load_model(cfg.override(model="toy"), str(path), require="static")
+    monkeypatch.setattr(loading, "create_model", lambda spec, classes, pretrained=False: TOYS[name]())
+    loaded = loading.load_model(cfg.override(model="toy"), str(path), require="static")
     images = torch.randn(3, 3, *SIZE)
     assert torch.equal(loaded.model.eval()(images), result.model.eval()(images))
     assert json.loads(json.dumps(meta["pruning_history"])) == meta["pruning_history"]  # plain values only
@@ -220,8 +223,8 @@ def test_frozen_heads_in_joint_mode_pass_no_gradient():
     model.configure(mask_source="predicted", record=True, target=target, decoupled=False)
     images, labels = torch.randn(8, 3, *SIZE), torch.randint(0, 10, (8,))
 
-    training.detach_frozen_heads(model, frozen=True, mode="joint")
-    objective = training.Objective(target, head_weight=0.0)  # what train_epoch uses once heads are frozen
+    detach_frozen_heads(model, frozen=True, mode="joint")
+    objective = Loss(target, head_weight=0.0)  # what train_epoch uses once heads are frozen
     task, heads, _ = objective(model, model(images), labels)
     (task + objective.head_weight * heads).backward()
     assert all(p.grad is None or not p.grad.any() for p in model.head_parameters())
@@ -240,7 +243,7 @@ def test_frozen_heads_in_joint_mode_pass_no_gradient():
     # Unfrozen joint mode does send the task loss through the heads (the test above could fail).
     model.zero_grad(set_to_none=True)
     del model.blocks[0].head.forward
-    training.detach_frozen_heads(model, frozen=False, mode="joint")
+    detach_frozen_heads(model, frozen=False, mode="joint")
     model.configure(record=True)
     F.cross_entropy(model(images), labels).backward()
     assert model.blocks[0].head.proj.weight.grad.abs().sum() > 0
@@ -250,9 +253,9 @@ def test_train_epoch_detaches_frozen_heads(tmp_path):
     cfg = resolve("smoke", mode="joint", freeze_heads_after=0.0)
     init = tmp_path / "dense.pt"
     torch.manual_seed(0)
-    save_checkpoint(init, create_model("smallnet", 10), runtime.dense_meta(cfg, 10))
-    spec = training.RunSpec(cfg, dense=False, init=str(init))
-    run = training.Run(spec, None, training.Distributed(), torch.device("cpu"), resume=False)
+    save_checkpoint(init, create_model("smallnet", 10), loading.dense_meta(cfg, 10))
+    spec = training.RunSpec(cfg, "ftwt", init=str(init))
+    run = training.build_run(spec)
     heads_before = [p.detach().clone() for p in run.model.head_parameters()]
     assert not run.model.blocks[0].detach_head_input  # joint mode before freezing
     row = run.train_epoch(0)

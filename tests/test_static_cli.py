@@ -9,10 +9,10 @@ import torch
 
 import ftwt_cli.cli.evaluate  # noqa: F401 - registers the eval command on the app
 import ftwt_cli.cli.train  # noqa: F401 - registers the train command on the app
-from ftwt_cli import runtime
-from ftwt_cli.checkpoint import load_checkpoint, save_checkpoint
-from ftwt_cli.config import resolve
-from ftwt_cli.graph import analyze
+from ftwt_cli.core.graph import analyze
+from ftwt_cli.io import loading
+from ftwt_cli.io.checkpoint import load_checkpoint, save_checkpoint
+from ftwt_cli.io.config import resolve
 from ftwt_cli.models import create_model
 
 
@@ -20,7 +20,7 @@ from ftwt_cli.models import create_model
 def dense_ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("init") / "dense.pt"
     torch.manual_seed(0)
-    save_checkpoint(path, create_model("smallnet", 10), runtime.dense_meta(resolve("smoke"), 10))
+    save_checkpoint(path, create_model("smallnet", 10), loading.dense_meta(resolve("smoke"), 10))
     return path
 
 

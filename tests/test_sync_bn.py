@@ -11,10 +11,12 @@ import pytest
 import torch
 from torch import nn
 
-from ftwt_cli import runtime
-from ftwt_cli.config import resolve
+from ftwt_cli.io import loading
+from ftwt_cli.io.config import resolve
 from ftwt_cli.models import create_model
-from ftwt_cli.train import Distributed, RunSpec, build_optimizers, sync_batchnorm, wrap_for_processes
+from ftwt_cli.workflows.train.objectives import MaskObjective
+from ftwt_cli.workflows.train.processes import Distributed, sync_batchnorm, wrap_for_processes
+from ftwt_cli.workflows.train.spec import RunSpec
 
 
 def _bn_layers(model: nn.Module) -> list[nn.Module]:
@@ -24,8 +26,8 @@ def _bn_layers(model: nn.Module) -> list[nn.Module]:
 def test_conversion_reaches_every_gated_batchnorm_and_keeps_the_tensors():
     cfg = resolve("smoke")
     torch.manual_seed(0)
-    model = runtime.wrap(create_model("smallnet", 10), cfg).eval()
-    optimizers = build_optimizers(model, RunSpec(cfg, dense=False, init="x"))
+    model = loading.wrap(create_model("smallnet", 10), cfg).eval()
+    optimizers = MaskObjective(RunSpec(cfg, "ftwt", init="x"), target=None).optimizers(model)
     before = _bn_layers(model)
     params, state = list(model.parameters()), model.state_dict()
     x = torch.randn(4, 3, 32, 32)
@@ -54,7 +56,7 @@ CONVERT_IN_GROUP = textwrap.dedent(
     from torch import nn
     from ftwt_cli.errors import BadInput
     from ftwt_cli.models import create_model
-    from ftwt_cli.train import Distributed, wrap_for_processes
+    from ftwt_cli.workflows.train.processes import Distributed, wrap_for_processes
 
     dist.init_process_group("gloo", init_method=sys.argv[1], rank=0, world_size=1)
     group = Distributed(rank=0, world_size=2)  # this process plays rank 0 of a torchrun job

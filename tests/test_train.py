@@ -10,13 +10,16 @@ import pytest
 import torch
 
 import ftwt_cli.cli.train  # noqa: F401 - registers the train command on the app
-from ftwt_cli import runtime
-from ftwt_cli import train as training
-from ftwt_cli.checkpoint import save_checkpoint
-from ftwt_cli.config import resolve
-from ftwt_cli.data import make_loader
-from ftwt_cli.gating import FTWTModel, channel_response, head_loss, truth_masks, make_target
+from ftwt_cli.core.gating import FTWTModel, head_loss, truth_masks
+from ftwt_cli.core.targets import channel_response, make_target
+from ftwt_cli.io import loading
+from ftwt_cli.io.checkpoint import save_checkpoint
+from ftwt_cli.io.config import resolve
+from ftwt_cli.io.data import make_loader
 from ftwt_cli.models import create_model
+from ftwt_cli.workflows import train as training
+from ftwt_cli.workflows.train.objectives import CrossEntropyObjective, Loss, MaskObjective
+from ftwt_cli.workflows.train.warmup import warm_up_heads
 
 R = make_target("mass", 0.9)
 
@@ -31,7 +34,7 @@ def dense_ckpt(tmp_path_factory, smoke_cfg):
     """An (untrained) dense smallnet checkpoint to start FTWT runs from."""
     path = tmp_path_factory.mktemp("init") / "dense.pt"
     torch.manual_seed(0)
-    save_checkpoint(path, create_model("smallnet", 10), runtime.dense_meta(smoke_cfg, 10))
+    save_checkpoint(path, create_model("smallnet", 10), loading.dense_meta(smoke_cfg, 10))
     return path
 
 
@@ -75,7 +78,7 @@ def test_targets_come_from_unmasked_block_outputs():
 def test_optimizer_groups_get_their_lr_and_weight_decay(smoke_cfg):
     cfg = smoke_cfg.override(lr=0.02, head_lr=0.3, weight_decay=1e-3, momentum=0.8, dense_lr=0.5)
     model = gated_smallnet(decoupled=True)
-    opts = training.build_optimizers(model, training.RunSpec(cfg, dense=False, init="x"))
+    opts = MaskObjective(training.RunSpec(cfg, "ftwt", init="x"), target=None).optimizers(model)
     backbone, heads = opts["backbone"].param_groups[0], opts["heads"].param_groups[0]
     assert (backbone["lr"], backbone["weight_decay"], backbone["momentum"]) == (0.02, 1e-3, 0.8)
     assert (heads["lr"], heads["weight_decay"], heads["momentum"]) == (0.3, 0.0, 0.8)
@@ -83,15 +86,15 @@ def test_optimizer_groups_get_their_lr_and_weight_decay(smoke_cfg):
     assert ids(backbone).isdisjoint(ids(heads))
     assert ids(backbone) | ids(heads) == {id(p) for p in model.parameters()}
     assert ids(heads) == {id(p) for p in model.head_parameters()}
-    dense = training.build_optimizers(create_model("smallnet", 10), training.RunSpec(cfg, dense=True))
+    dense = CrossEntropyObjective(training.RunSpec(cfg, "dense")).optimizers(create_model("smallnet", 10))
     assert list(dense) == ["backbone"] and dense["backbone"].param_groups[0]["lr"] == 0.5
 
 
 def test_head_warm_up_makes_every_head_keep_everything(smoke_cfg):
     model = gated_smallnet(decoupled=False)
-    loader = make_loader(runtime.dataset(smoke_cfg, "train"), 32)
+    loader = make_loader(loading.dataset(smoke_cfg, "train"), 32)
     before = [p.clone() for p in model.backbone_parameters()]
-    steps = training.warm_up_heads(model, loader, torch.device("cpu"), lr=0.1, momentum=0.9)
+    steps = warm_up_heads(model, loader, torch.device("cpu"), lr=0.1, momentum=0.9)
     assert steps > 0
     model(next(iter(loader))[0])
     assert all(bool((rec.logits > 0).all()) for rec in model.records())
@@ -126,14 +129,14 @@ def test_resume_repeats_the_straight_run_exactly(run_cli, tmp_path, dense_ckpt):
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(run_cli, tmp_path, dense_ckpt, monkeypatch):
     calls = {"n": 0}
-    original = training.Objective.__call__
+    original = Loss.__call__
 
     def poisoned(self, model, logits, labels):
         calls["n"] += 1
         task, heads, truth = original(self, model, logits, labels)
         return (task * math.nan if calls["n"] > 4 else task), heads, truth  # smoke: 4 steps per epoch
 
-    monkeypatch.setattr(training.Objective, "__call__", poisoned)
+    monkeypatch.setattr(Loss, "__call__", poisoned)
     out = tmp_path / "run"
     result = run_cli("train", "--profile", "smoke", "--dense", "--epochs", "3", "--out", out, "--json")
     assert result.exit_code == 1
@@ -155,7 +158,7 @@ def test_checkpoints_round_trip_with_the_search_record(run_cli, tmp_path, dense_
     summary = json.loads(result.stdout)
     assert summary["mode"] == "joint" and summary["estimate"]["target"] == 40.0
     assert summary["r"] == summary["estimate"]["chosen_r"]
-    loaded = runtime.load_model(smoke_cfg, str(out / "best.pt"), require="ftwt")
+    loaded = loading.load_model(smoke_cfg, str(out / "best.pt"), require="ftwt")
     assert isinstance(loaded.model, FTWTModel) and loaded.model.head_spec.softmax is False
     assert loaded.meta["estimate"] == summary["estimate"] and loaded.meta["r"] == summary["r"]
     saved = _state(out / "best.pt")["model"]
@@ -219,7 +222,7 @@ def test_bad_input_exits_2_and_writes_nothing(run_cli, tmp_path, dense_ckpt, arg
 
 def test_dynamic_training_rejects_an_ftwt_init(run_cli, tmp_path, smoke_cfg):
     path = tmp_path / "ftwt.pt"
-    save_checkpoint(path, runtime.wrap(create_model("smallnet", 10), smoke_cfg), runtime.ftwt_meta(smoke_cfg, 10, 0.9))
+    save_checkpoint(path, loading.wrap(create_model("smallnet", 10), smoke_cfg), loading.ftwt_meta(smoke_cfg, 10, 0.9))
     result = run_cli("train", "--profile", "smoke", "--init", path, "--out", tmp_path / "run")
     assert result.exit_code == 2 and "needs a dense one" in result.stderr
     assert not (tmp_path / "run").exists()

@@ -8,9 +8,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from ftwt_cli import runtime
-from ftwt_cli.checkpoint import load_checkpoint
-from ftwt_cli.config import resolve
+from ftwt_cli.io import loading
+from ftwt_cli.io.checkpoint import load_checkpoint
+from ftwt_cli.io.config import resolve
 
 USER_MODEL = """
 from torch import nn
@@ -79,7 +79,7 @@ def test_estimate_with_a_user_model_and_no_weights_says_how_to_give_them(cli, us
 
 def test_plain_state_dict_is_loaded_into_the_user_model(cli, user_model):
     tmp_path, model = user_model
-    loaded = runtime.load_model(resolve(None, model="mynet.py:build"), "mynet.pt")
+    loaded = loading.load_model(resolve(None, model="mynet.py:build"), "mynet.pt")
     assert loaded.kind == "dense" and loaded.meta["weights"] == "state_dict"
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[key], value)
@@ -96,7 +96,7 @@ def test_common_state_dict_wrappings_are_accepted(user_model, wrap):
     state = model.state_dict()
     payload = {"state_dict": state, "epoch": 90} if wrap == "nested" else {f"module.{k}": v for k, v in state.items()}
     torch.save(payload, tmp_path / "wrapped.pt")
-    loaded = runtime.load_model(resolve(None, model="mynet.py:build"), "wrapped.pt")
+    loaded = loading.load_model(resolve(None, model="mynet.py:build"), "wrapped.pt")
     assert all(torch.equal(loaded.model.state_dict()[k], v) for k, v in state.items())
     with pytest.raises(Exception, match="plain weights"):  # commands that need FTWT heads say so
         load_checkpoint(tmp_path / "wrapped.pt")

@@ -10,16 +10,16 @@ import torch
 from torch.utils.data import Subset
 from typer.testing import CliRunner
 
-from ftwt_cli import runtime
-from ftwt_cli.config import resolve
+from ftwt_cli.io import loading
+from ftwt_cli.io.config import resolve
 
 
 def test_split_is_seeded_disjoint_and_complete():
-    kept, held = runtime.holdout_indices(1000, 0.1, seed=3)
+    kept, held = loading.holdout_indices(1000, 0.1, seed=3)
     assert len(held) == 100 and len(kept) == 900
     assert sorted(kept + held) == list(range(1000))
-    assert runtime.holdout_indices(1000, 0.1, seed=3) == (kept, held)
-    assert runtime.holdout_indices(1000, 0.1, seed=4)[1] != held
+    assert loading.holdout_indices(1000, 0.1, seed=3) == (kept, held)
+    assert loading.holdout_indices(1000, 0.1, seed=4)[1] != held
 
 
 def _base_indices(ds) -> list[int]:
@@ -33,17 +33,17 @@ def _base_indices(ds) -> list[int]:
 
 def test_training_splits_hold_out_unaugmented_training_images():
     cfg = resolve("smoke", val_fraction=0.2, train_samples=0, test_samples=0)
-    train, val = runtime.training_splits(cfg)
+    train, val = loading.training_splits(cfg)
     assert len(val) == 1000 and len(train) == 4000  # of the synthetic set's 5,000 training images
     assert not set(_base_indices(train)) & set(_base_indices(val))
     # validation images are plain training images (no crop/flip): identical on every read
     assert torch.equal(val[0][0], val[0][0])
-    plain = runtime.dataset(cfg, "train", cap=False)
+    plain = loading.dataset(cfg, "train", cap=False)
     assert torch.equal(val[0][0], plain[_base_indices(val)[0]][0])
-    capped_train, capped_val = runtime.training_splits(resolve("smoke", val_fraction=0.2))  # train_samples = 256
+    capped_train, capped_val = loading.training_splits(resolve("smoke", val_fraction=0.2))  # train_samples = 256
     assert len(capped_train) == 205 and len(capped_val) == 51
     assert not set(_base_indices(capped_train)) & set(_base_indices(capped_val))
-    assert runtime.training_splits(resolve("smoke", val_fraction=0.0))[1] is None
+    assert loading.training_splits(resolve("smoke", val_fraction=0.0))[1] is None
 
 
 @pytest.mark.parametrize("fraction", [0.1, 0.0])

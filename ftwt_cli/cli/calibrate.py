@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
 
-from ftwt_cli.calibrate import calibrate_checkpoint
-from ftwt_cli.cli import (
+from ftwt_cli.cli.app import (
     BatchOpt,
     DataOpt,
     DataRootOpt,
@@ -23,9 +21,10 @@ from ftwt_cli.cli import (
     handle_errors,
     resolve_config,
 )
-from ftwt_cli.config import DEFAULT_PROFILE
 from ftwt_cli.console import console, emit_json
-from ftwt_cli.errors import BadInput
+from ftwt_cli.io.config import DEFAULT_PROFILE
+from ftwt_cli.workflows.calibrate import calibrate_checkpoint
+from ftwt_cli.workflows.train.records import calibration_figures
 
 
 @app.command("calibrate")
@@ -50,21 +49,16 @@ def calibrate_command(
 ) -> None:
     """Choose per-layer head thresholds on held-out training images so the model removes --target-flops % of
     the FLOPs; report the test split before and after."""
-    source = Path(checkpoint)
-    if not source.is_file():
-        raise BadInput(f"checkpoint {checkpoint} does not exist")
-    destination = Path(out) if out else source.with_name(f"{source.stem}-calibrated{source.suffix}")
-    if destination.exists() and destination.is_dir():
-        raise BadInput(f"--out {destination} is a folder; give a file name")
     cfg = resolve_config(
         profile, model=model, data=data, batch_size=batch_size, device=device, data_root=data_root,
         download=download, workers=workers,
     )  # fmt: skip
-    record = calibrate_checkpoint(cfg, str(source), target_flops, str(destination))
+    record = calibrate_checkpoint(cfg, checkpoint, target_flops, out)
+    destination = record["path"]
     table = Table("", "FLOPs ↓", "top-1", title=f"ftwt calibrate → {destination}")
     table.add_row(f"held-out images ({record['images']}), before → after", f"{record['raw_pct']:.2f}% → {record['reached_pct']:.2f}%", "")
-    for what, key in (("test, raw heads", "raw"), ("test, as given", "trained"), ("test, calibrated", "calibrated")):
-        table.add_row(what, f"{record[f'test_reduction_{key}_pct']:.2f}%", f"{record[f'test_top1_{key}']:.2f}%")
+    for label, flops, top1 in calibration_figures(record, given="as given"):
+        table.add_row(f"test, {label}", f"{flops:.2f}%", f"{top1:.2f}%")
     console.print(table)
     console.print(
         f"target {record['target_pct']:g}% (heads included): per-layer keep rates of the ground truth at r' = {record['ratio']:.4f}"

@@ -9,10 +9,8 @@ import pandas as pd
 import typer
 from rich.table import Table
 
-from ftwt_cli import runtime
-from ftwt_cli import evaluate as ev
-from ftwt_cli.checkpoint import atomic_write_bytes
-from ftwt_cli.cli import (
+from ftwt_cli.algorithms.perturb import BLUR_SIGMAS, NOISE_SIGMAS, perturbation_grid
+from ftwt_cli.cli.app import (
     BatchOpt,
     CheckpointOpt,
     DataOpt,
@@ -28,10 +26,12 @@ from ftwt_cli.cli import (
     handle_errors,
     resolve_config,
 )
-from ftwt_cli.config import DEFAULT_PROFILE, resolve_device
 from ftwt_cli.console import console, emit_json
-from ftwt_cli.data import make_loader, stats_for
 from ftwt_cli.errors import BadInput
+from ftwt_cli.io.checkpoint import atomic_write_bytes
+from ftwt_cli.io.config import DEFAULT_PROFILE
+from ftwt_cli.io.plots import plot_brier, plot_clusters, plot_layer_budget, plot_layer_latency, plot_layer_pruning
+from ftwt_cli.workflows.evaluate import LatencyOptions, ModelReport, evaluate_checkpoints
 
 
 def parse_sigmas(text: str, option: str) -> list[float]:
@@ -87,8 +87,8 @@ def eval_command(
     json_out: JsonOpt = False,
 ) -> None:
     """Evaluate a dense or FTWT checkpoint (and --compare others) on the test split."""
-    blur = parse_sigmas(blur_sigmas, "--blur-sigmas") if blur_sigmas is not None else list(ev.BLUR_SIGMAS)
-    noise = parse_sigmas(noise_sigmas, "--noise-sigmas") if noise_sigmas is not None else list(ev.NOISE_SIGMAS)
+    blur = parse_sigmas(blur_sigmas, "--blur-sigmas") if blur_sigmas is not None else list(BLUR_SIGMAS)
+    noise = parse_sigmas(noise_sigmas, "--noise-sigmas") if noise_sigmas is not None else list(NOISE_SIGMAS)
     sweep = brier_noise or blur_sigmas is not None or noise_sigmas is not None
     if latency and (latency_samples < 1 or threads < 1 or cache_mb < 0):
         raise BadInput("--latency-samples and --threads must be at least 1, --cache-mb at least 0")
@@ -107,21 +107,9 @@ def eval_command(
         download=download,
         workers=workers,
     )
-    if cfg.checkpoint is None:
-        raise BadInput(f"--checkpoint is required: {runtime.how_to_get_weights(cfg)}")
-    dev = resolve_device(cfg.device)
-    loaded = [runtime.load_model(cfg, path) for path in [cfg.checkpoint, *(compare or [])]]
-    labels = ev.unique_labels([ev.describe(m.meta) for m in loaded], [m.path for m in loaded])
-    models = [ev.EvaluatedModel(m, label, dev) for m, label in zip(loaded, labels)]
-
-    loader = make_loader(runtime.dataset(cfg, "test", normalize=False), cfg.batch_size, workers=cfg.workers)
-    normalize = ev.Normalizer(*stats_for(runtime.data_spec(cfg), runtime.family(cfg)))
-    perturbations = ev.perturbation_grid(blur, noise) if sweep else []
-    reports = ev.evaluate(models, loader, normalize, dev, perturbations, seed=cfg.seed)
-    if latency:
-        images = ev.first_images(loader, latency_samples, normalize)
-        for evaluated, report in zip(models, reports):
-            report.latency = ev.measure_latency(evaluated, images, threads, cache_mb)
+    perturbations = perturbation_grid(blur, noise) if sweep else []
+    options = LatencyOptions(latency_samples, threads, cache_mb) if latency else None
+    reports = evaluate_checkpoints(cfg, compare or [], perturbations, options)
 
     tables = _tables(reports)
     _print_tables(reports, tables)
@@ -129,8 +117,6 @@ def eval_command(
         for name, frame in tables.items():
             atomic_write_bytes(Path(csv) / f"{name}.csv", lambda f, fr=frame: f.write(fr.to_csv(index=False).encode()))
     if plots:
-        from ftwt_cli.plots import plot_brier, plot_clusters, plot_layer_budget, plot_layer_pruning
-
         for kind in ("blur", "noise"):
             if any(p.perturbation == kind for p in reports[0].brier):
                 plot_brier(reports, kind, Path(plots) / f"brier_{kind}.png", title=cfg.model)
@@ -139,8 +125,6 @@ def eval_command(
         if any(layer.target_keep_ratio is not None for r in reports for layer in r.layers):
             plot_layer_budget(reports, Path(plots) / "layer_budget.png", title=cfg.model)
         if latency:
-            from ftwt_cli.plots import plot_layer_latency
-
             plot_layer_latency(reports, Path(plots) / "layer_latency.png", title=cfg.model)
     if json_out:
         emit_json(
@@ -156,7 +140,7 @@ def eval_command(
         )
 
 
-def _tables(reports: list[ev.ModelReport]) -> dict[str, pd.DataFrame]:
+def _tables(reports: list[ModelReport]) -> dict[str, pd.DataFrame]:
     """Every table of the report as a DataFrame, keyed by its CSV name."""
     tables = {
         "summary": pd.DataFrame(
@@ -246,7 +230,7 @@ LATENCY_COLUMNS = (
 LATENCY_LAYER_COLUMNS = ("name", "keep", "active_in", "sparse", "dense_us", "sparse_us")
 
 
-def _print_tables(reports: list[ev.ModelReport], tables: dict[str, pd.DataFrame]) -> None:
+def _print_tables(reports: list[ModelReport], tables: dict[str, pd.DataFrame]) -> None:
     console.print(_rich_table("summary (clean test set)", tables["summary"]))
     layers = tables["layers"]
     for r in reports:

@@ -6,13 +6,10 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import pandas as pd
-import torch
 import typer
 from rich.table import Table
 
-from ftwt_cli import runtime
-from ftwt_cli.checkpoint import atomic_write_bytes, check_writable
-from ftwt_cli.cli import (
+from ftwt_cli.cli.app import (
     BatchOpt,
     CheckpointOpt,
     DataOpt,
@@ -24,24 +21,18 @@ from ftwt_cli.cli import (
     ProfileOpt,
     SamplesOpt,
     SeedOpt,
+    TargetOpt,
     WorkersOpt,
     app,
     handle_errors,
     resolve_config,
 )
-from ftwt_cli.config import DEFAULT_PROFILE, check_target_flops, list_profiles, parse_ratios, resolve_device
 from ftwt_cli.console import console, emit_json
-from ftwt_cli.data import make_loader
 from ftwt_cli.errors import BadInput
-from ftwt_cli.estimate import UnreachableTarget, estimate, find_ratio
-
-TargetOpt = Annotated[
-    Optional[float],
-    typer.Option(
-        "--target-flops",
-        help="Percent of dense FLOPs to REMOVE (50 halves them), in (0, 100).",
-    ),
-]
+from ftwt_cli.io.checkpoint import atomic_write_bytes, check_writable
+from ftwt_cli.io.config import DEFAULT_PROFILE, check_target_flops, list_profiles
+from ftwt_cli.io.plots import plot_estimate
+from ftwt_cli.workflows.plan import plan_estimate, plan_search
 
 
 @app.command("profiles")
@@ -56,24 +47,6 @@ def profiles_command(json_out: JsonOpt = False) -> None:
     for name, description in rows:
         table.add_row(name + (" (default)" if name == DEFAULT_PROFILE else ""), description)
     console.print(table)
-
-
-def _check_target(target: float | None) -> None:
-    if target is not None:
-        check_target_flops(target)
-
-
-def _prepare(profile: str, **overrides):
-    """Resolve the configuration, then the frozen dense model (gated, masks off) and the training data."""
-    cfg = resolve_config(profile, **overrides)
-    dev = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)  # without a checkpoint the initialised weights must not vary between runs
-    loaded = runtime.load_model(cfg, cfg.checkpoint, require="dense")
-    gated = runtime.wrap(loaded.model, cfg).to(dev)
-    for p in gated.parameters():
-        p.requires_grad_(False)
-    loader = make_loader(runtime.dataset(cfg, "train"), cfg.batch_size, workers=cfg.workers)
-    return cfg, dev, loaded, gated, loader
 
 
 @app.command("estimate")
@@ -99,18 +72,19 @@ def estimate_command(
     json_out: JsonOpt = False,
 ) -> None:
     """Expected FLOPs reduction of every r, from ONE pass of the trained dense model over training data."""
-    _check_target(target_flops)
+    if target_flops is not None:
+        check_target_flops(target_flops)
     for path, option in ((csv, "--csv"), (plot, "--plot")):
         if path is not None:
             if Path(path).is_dir():
                 raise BadInput(f"{option} {path} is a folder; give a file name")
             check_writable(path, option)
-    cfg, dev, loaded, gated, loader = _prepare(
+    cfg = resolve_config(
         profile, model=model, data=data, checkpoint=checkpoint, samples=samples, batch_size=batch_size,
         device=device, seed=seed, data_root=data_root, download=download, workers=workers,
     )  # fmt: skip
-    ratio_list = parse_ratios(ratios if ratios is not None else cfg.ratios)
-    est = estimate(gated, loader, ratio_list, dev)
+    planned = plan_estimate(cfg, ratios)
+    est, loaded = planned.result, planned.loaded
     chosen = est.nearest(target_flops) if target_flops is not None else None
 
     rows = est.rows()
@@ -137,8 +111,6 @@ def estimate_command(
         )
         atomic_write_bytes(csv, lambda f: f.write(frame.to_csv(index=False).encode()))
     if plot:
-        from ftwt_cli.plots import plot_estimate
-
         plot_estimate(est, plot, target_flops, est.ratios[chosen] if chosen is not None else None, title=cfg.model)
     if json_out:
         doc = {
@@ -179,19 +151,11 @@ def search_command(
     json_out: JsonOpt = False,
 ) -> None:
     """Bisect r until the estimated FLOPs reduction is within --tolerance of --target-flops."""
-    if target_flops is None:
-        raise BadInput("--target-flops is required (percent of dense FLOPs to remove, e.g. 50)")
-    _check_target(target_flops)
-    if tolerance <= 0:
-        raise BadInput(f"--tolerance must be positive, got {tolerance:g}")
-    _cfg, dev, _loaded, gated, loader = _prepare(
+    cfg = resolve_config(
         profile, model=model, data=data, checkpoint=checkpoint, samples=samples, batch_size=batch_size,
         device=device, seed=seed, data_root=data_root, download=download, workers=workers,
     )  # fmt: skip
-    try:
-        result = find_ratio(gated, loader, dev, target_flops, tolerance, cascade)
-    except UnreachableTarget as exc:
-        raise BadInput(str(exc)) from None
+    result = plan_search(cfg, target_flops, tolerance, cascade).result
     table = Table("step", "r", "estimated FLOPs ↓ %", title=f"bisection towards {target_flops:g}%")
     for i, step in enumerate(result.steps, 1):
         table.add_row(str(i), f"{step['r']:.6f}", f"{step['reduction_pct']:.2f}")

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
 
-from ftwt_cli import runtime
-from ftwt_cli import static as static_pruning
-from ftwt_cli import train as training
-from ftwt_cli.checkpoint import check_writable
-from ftwt_cli.cli import (
+from ftwt_cli.algorithms.static import STATIC_METHODS
+from ftwt_cli.cli.app import (
     BatchOpt,
     DataOpt,
     DataRootOpt,
@@ -23,15 +19,19 @@ from ftwt_cli.cli import (
     ModelOpt,
     SamplesOpt,
     SeedOpt,
+    TargetOpt,
     WorkersOpt,
     app,
     handle_errors,
     resolve_config,
 )
-from ftwt_cli.cli.plan import TargetOpt
-from ftwt_cli.config import DEFAULT_PROFILE
 from ftwt_cli.console import console, emit_json
+from ftwt_cli.core.heads import HEADS
+from ftwt_cli.core.targets import TARGETS
 from ftwt_cli.errors import BadInput
+from ftwt_cli.io.config import DEFAULT_PROFILE
+from ftwt_cli.workflows import train as training
+from ftwt_cli.workflows.train.records import calibration_figures
 
 
 def _given(**options) -> list[str]:
@@ -59,6 +59,9 @@ def train_command(
     head_init: Annotated[
         Optional[str], typer.Option("--head-init", help="random | ones (warm heads up to keep every channel first)")
     ] = None,
+    head: Annotated[
+        Optional[str], typer.Option("--head", help=f"Decision head variant: {HEADS.choices(' | ')} (default: paper).")
+    ] = None,
     head_softmax: Annotated[
         Optional[bool], typer.Option("--head-softmax/--no-head-softmax", help="Softmax over the pooled head input.")
     ] = None,
@@ -85,7 +88,8 @@ def train_command(
         typer.Option("--val-fraction", help="Training images held out (seeded) to choose best.pt and calibrate (default 0.1)."),
     ] = None,
     static: Annotated[
-        Optional[str], typer.Option("--static", help="Static baseline instead of FTWT: uniform (L1) | taylor; needs --target-flops.")
+        Optional[str],
+        typer.Option("--static", help=f"Static baseline instead of FTWT: {STATIC_METHODS.choices(' | ')}; needs --target-flops."),
     ] = None,
     signature: Annotated[
         Optional[str],
@@ -94,7 +98,10 @@ def train_command(
     static_signature: Annotated[
         bool, typer.Option("--static-signature", help="With --signature: prune the same counts statically (one filter set).")
     ] = False,
-    gt: Annotated[Optional[str], typer.Option("--gt", help="Ground truth of the heads: mass (the paper) | topk (--r = kept fraction).")] = None,
+    gt: Annotated[
+        Optional[str],
+        typer.Option("--gt", help="Ground truth of the heads: " + " | ".join(f"{n} ({t.help})" for n, t in TARGETS.items()) + "."),
+    ] = None,
     out: Annotated[Optional[str], typer.Option("--out", help="Run directory (default runs/<profile>-<mode>...).")] = None,
     resume: Annotated[Optional[str], typer.Option("--resume", help="Continue this run directory.")] = None,
     profile: Annotated[Optional[str], typer.Option("--profile", help="Profile name (see 'ftwt profiles').")] = None,
@@ -114,67 +121,51 @@ def train_command(
 ) -> None:
     """Train a dense baseline (--dense) or an FTWT model from one (--init, --r or --target-flops)."""
     is_main = os.environ.get("RANK", "0") == "0"
-    if resume:
-        fixed = _given(
-            dense=dense, init=init, r=r, target_flops=target_flops, mode=mode, lr=lr, milestones=milestones,
-            head_lr=head_lr, freeze_heads_after=freeze_heads_after, head_init=head_init, head_softmax=head_softmax,
-            head_pool=head_pool, head_norm=head_norm, calibrate=calibrate, val_fraction=val_fraction, head_warmup=head_warmup, out=out, profile=profile, model=model, data=data, samples=samples, batch_size=batch_size, seed=seed,
-            static=static, signature=signature, static_signature=static_signature, gt=gt,
-        )  # fmt: skip
-        if fixed:
-            raise BadInput(f"--resume continues a run as it was configured; drop {', '.join(fixed)}")
-        spec = training.read_spec(Path(resume))
-        spec.config = spec.config.override(device=device, workers=workers, data_root=data_root, download=download, sync_bn=sync_bn)
-        check_writable(resume, "--resume")
-        if epochs is not None:
-            spec.config = spec.config.override(**{"dense_epochs" if spec.dense else "epochs": epochs})
-    else:
-        if r is not None and target_flops is not None:
-            raise BadInput("give either --r or --target-flops, not both")
-        if dense and (clash := _given(init=init, r=r, target_flops=target_flops, mode=mode, static=static, signature=signature)):
-            raise BadInput(f"--dense trains the plain backbone; {', '.join(clash)} apply to FTWT training")
-        _check_baseline_options(static, signature, static_signature, gt, target_flops, r=r, mode=mode, head_lr=head_lr,
-                                freeze_heads_after=freeze_heads_after, head_init=head_init, head_softmax=head_softmax,
-                                head_pool=head_pool, head_norm=head_norm, head_warmup=head_warmup,
-                                calibrate=calibrate)  # fmt: skip
-        prefix = "dense_" if dense else ""
-        cfg = resolve_config(
-            profile or DEFAULT_PROFILE,
-            show=is_main,
-            model=model, data=data, samples=samples, train_samples=samples, batch_size=batch_size, device=device, seed=seed,
-            sync_bn=sync_bn, pretrained=False if dense else None,
-            data_root=data_root, download=download, workers=workers, r=r, mode=mode, head_lr=head_lr,
-            freeze_heads_after=freeze_heads_after, head_init=head_init, head_softmax=head_softmax,
-            head_pool=head_pool, head_norm=head_norm, calibrate=calibrate, val_fraction=val_fraction,
-            head_warmup=head_warmup,
-            target="topk" if (signature and not static_signature) else gt,
-            **{
-                f"{prefix}epochs": epochs,
-                f"{prefix}lr": lr,
-                f"{prefix}milestones": training.parse_milestones(milestones) if milestones is not None else None,
-            },
-        )  # fmt: skip
-        start = None if dense else runtime.initial_weights(cfg, init)
-        if static:
-            spec = static_pruning.run_spec(cfg, static, start, target_flops)
-        elif signature:
-            record = static_pruning.signature_record(cfg, start, signature, target_flops)
-            if static_signature:
-                spec = static_pruning.run_spec(cfg, "signature", start, None, record)
-            else:
-                spec = training.RunSpec(cfg, False, init=start, signature=record)
-        else:
-            spec = training.RunSpec(cfg, dense, init=start, target_flops=target_flops)
-        check_writable(out or "runs", "--out")
+    ftwt_options = dict(
+        r=r, mode=mode, head_lr=head_lr, freeze_heads_after=freeze_heads_after, head_init=head_init, head=head,
+        head_softmax=head_softmax, head_pool=head_pool, head_norm=head_norm, head_warmup=head_warmup, calibrate=calibrate,
+    )  # fmt: skip
     try:
-        summary = training.train(spec, out=out, resume=resume)
+        if resume:
+            fixed = _given(
+                dense=dense, init=init, target_flops=target_flops, lr=lr, milestones=milestones, val_fraction=val_fraction,
+                out=out, profile=profile, model=model, data=data, samples=samples, batch_size=batch_size, seed=seed,
+                static=static, signature=signature, static_signature=static_signature, gt=gt, **ftwt_options,
+            )  # fmt: skip
+            if fixed:
+                raise BadInput(f"--resume continues a run as it was configured; drop {', '.join(fixed)}")
+            summary = training.resume(
+                resume, epochs, device=device, workers=workers, data_root=data_root, download=download, sync_bn=sync_bn
+            )  # fmt: skip
+        else:
+            if r is not None and target_flops is not None:
+                raise BadInput("give either --r or --target-flops, not both")
+            if dense and (clash := _given(init=init, r=r, target_flops=target_flops, mode=mode, static=static, signature=signature)):
+                raise BadInput(f"--dense trains the plain backbone; {', '.join(clash)} apply to FTWT training")
+            _check_baseline_options(static, signature, static_signature, gt, target_flops, **ftwt_options)
+            prefix = "dense_" if dense else ""
+            cfg = resolve_config(
+                profile or DEFAULT_PROFILE,
+                show=is_main,
+                model=model, data=data, samples=samples, train_samples=samples, batch_size=batch_size, device=device,
+                seed=seed, sync_bn=sync_bn, pretrained=False if dense else None, data_root=data_root, download=download,
+                workers=workers, val_fraction=val_fraction, **ftwt_options,
+                target="topk" if (signature and not static_signature) else gt,
+                **{
+                    f"{prefix}epochs": epochs,
+                    f"{prefix}lr": lr,
+                    f"{prefix}milestones": training.parse_milestones(milestones) if milestones is not None else None,
+                },
+            )  # fmt: skip
+            summary = training.start(
+                cfg, out, dense=dense, init=init, target_flops=target_flops, static=static, signature=signature,
+                static_signature=static_signature,
+            )  # fmt: skip
     except training.NonFiniteLoss as exc:
         console.print(f"[red]error:[/red] {exc}; stopped, the last good checkpoint is kept", highlight=False)
         raise typer.Exit(1) from None
     if not is_main:
         return
-    if spec.static is not None and summary.flops_reduction_pct is None:
-        summary.flops_reduction_pct = spec.static.get("reduction_pct")  # measured on the pruned architecture
     table = Table("", "", title=f"ftwt train ({summary.mode})", show_header=False)
     table.add_row("run directory", summary.run_dir)
     table.add_row("epochs", str(summary.epochs))
@@ -190,12 +181,9 @@ def train_command(
         table.add_row("FLOPs reduction (estimated)", f"{summary.estimate['estimated_reduction_pct']:.2f}%")
     if summary.calibration is not None:
         c = summary.calibration
-        table.add_row("best.pt, raw heads (test)", f"{c['test_reduction_raw_pct']:.2f}% FLOPs ↓, top-1 {c['test_top1_raw']:.2f}%")
-        table.add_row("best.pt, as trained (test)", f"{c['test_reduction_trained_pct']:.2f}% FLOPs ↓, top-1 {c['test_top1_trained']:.2f}%")
-        table.add_row(
-            f"best.pt, calibrated to {c['target_pct']:g}% (test)",
-            f"{c['test_reduction_calibrated_pct']:.2f}% FLOPs ↓, top-1 {c['test_top1_calibrated']:.2f}%",
-        )
+        for label, flops, top1 in calibration_figures(c):
+            what = f"calibrated to {c['target_pct']:g}%" if label == "calibrated" else label
+            table.add_row(f"best.pt, {what} (test)", f"{flops:.2f}% FLOPs ↓, top-1 {top1:.2f}%")
     table.add_row("best.pt chosen on", "held-out training images (val)" if summary.selected_on == "val" else "test split")
     console.print(table)
     if json_out:
@@ -204,10 +192,10 @@ def train_command(
 
 def _check_baseline_options(static, signature, static_signature, gt, target_flops, **ftwt_options) -> None:
     """One-line errors for option combinations of the static baselines, signatures and --gt."""
-    if gt is not None and gt not in ("mass", "topk"):
-        raise BadInput(f"--gt must be mass or topk, got {gt!r}")
-    if static is not None and static not in static_pruning.METHODS:
-        raise BadInput(f"--static must be uniform or taylor, got {static!r}")
+    if gt is not None and gt not in TARGETS:
+        raise BadInput(f"--gt must be {TARGETS.alternatives()}, got {gt!r}")
+    if static is not None and static not in STATIC_METHODS:
+        raise BadInput(f"--static must be {STATIC_METHODS.alternatives()}, got {static!r}")
     if static and signature:
         raise BadInput("give --static (uniform/taylor) or --signature, not both (--static-signature prunes a signature statically)")
     if static_signature and not signature:

@@ -7,29 +7,25 @@ uses the other paths, so results stay exact.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 import torch
 
 from ftwt_cli.engine.compact import Compact
 from ftwt_cli.engine.cost import best_threshold
-
-if TYPE_CHECKING:
-    from ftwt_cli.engine.conv import ConvStep
+from ftwt_cli.engine.geometry import ConvGeometry
 
 
 class StaticCore:
     """A layer's static core: weights of the often-kept filters × the ever-active inputs, stored contiguously."""
 
-    def __init__(self, step: "ConvStep", out_mask: np.ndarray, in_mask: np.ndarray) -> None:
+    def __init__(self, g: ConvGeometry, out_mask: np.ndarray, in_mask: np.ndarray) -> None:
         self.out_mask, self.in_missing = out_mask, ~in_mask
         self.out_idx, self.in_idx = np.flatnonzero(out_mask), np.flatnonzero(in_mask)
         self.out_pos = np.cumsum(out_mask) - 1  # channel -> position in the core (valid where in the core)
         self.in_pos = np.cumsum(in_mask) - 1
-        w = step.weight.index_select(0, torch.from_numpy(self.out_idx)).index_select(1, torch.from_numpy(self.in_idx))
+        w = g.weight.index_select(0, torch.from_numpy(self.out_idx)).index_select(1, torch.from_numpy(self.in_idx))
         self.weight = w.contiguous()
-        self.bias = step.bias.index_select(0, torch.from_numpy(self.out_idx)).contiguous()
+        self.bias = g.bias.index_select(0, torch.from_numpy(self.out_idx)).contiguous()
         self.macs = self.out_idx.size * self.in_idx.size / (out_mask.size * in_mask.size)  # fraction of dense MACs
 
     def serves(self, x: Compact) -> bool:
@@ -37,45 +33,50 @@ class StaticCore:
         return x.idx.size <= self.in_idx.size and not (x.mask & self.in_missing).any()
 
 
-def fit(step: "ConvStep", seen: list[tuple[np.ndarray | None, np.ndarray]], threshold: float | None = None) -> StaticCore | None:
-    """The core for ``step`` from the (output mask, input mask) pairs it saw, or None."""
-    if not seen or step.depthwise or step.groups != 1:
+def fit(
+    g: ConvGeometry, costs: dict | None, seen: list[tuple[np.ndarray | None, np.ndarray]], threshold: float | None = None
+) -> StaticCore | None:
+    """The core of conv ``g`` from the (output mask, input mask) pairs it saw, or None; ``costs``
+    (the layer's calibrated cost model, if any) choose the threshold when none is given."""
+    if not seen or g.depthwise or g.groups != 1:
         return None
     in_mask = np.mean([m for _, m in seen], axis=0) > 0
     if seen[0][0] is None:
-        out_mask = np.ones(step.out_channels, dtype=bool)
+        out_mask = np.ones(g.out_channels, dtype=bool)
     else:
         outs = np.stack([m for m, _ in seen])
         freq = outs.mean(axis=0)
         if threshold is None:
-            threshold = best_threshold(step, outs, freq, in_mask, np.array([m.sum() for _, m in seen]))
+            threshold = best_threshold(g, costs, outs, freq, in_mask, np.array([m.sum() for _, m in seen]))
         out_mask = freq >= threshold
     if not out_mask.any() or not in_mask.any():
         return None
-    return StaticCore(step, out_mask, in_mask)
+    return StaticCore(g, out_mask, in_mask)
 
 
-def run_core(step: "ConvStep", x: Compact, oidx: np.ndarray, ko: int, ki: int, core: StaticCore) -> torch.Tensor:
+def run_core(
+    g: ConvGeometry, x: Compact, oidx: np.ndarray, ko: int, ki: int, core: StaticCore, counts: dict[str, int]
+) -> torch.Tensor:
     """Conv with the core's weights, then select; kept filters outside the core come from a small
     slice and are merged by position."""
-    step.counts["core"] += 1
+    counts["core"] += 1
     if ki == core.in_idx.size:
         xc = x.values
     else:
         xc = x.values.new_zeros((1, core.in_idx.size, *x.values.shape[2:]))
         xc.index_copy_(1, torch.from_numpy(core.in_pos[x.idx]), x.values)
-    yc = step.conv(xc, core.weight, core.bias)
+    yc = g.conv(xc, core.weight, core.bias)
     in_core = core.out_mask[oidx]  # which kept filters the core computed
     n_core = int(np.count_nonzero(in_core))
     if n_core == core.out_idx.size and n_core == ko:
         return yc
     if n_core == ko:
         return yc.index_select(1, torch.from_numpy(core.out_pos[oidx]))
-    step.counts["core_extra"] += 1
+    counts["core_extra"] += 1
     extra = oidx[~in_core]
-    rows = (extra[:, None] * step.in_per_group + x.idx[None, :]).ravel()
-    weight = step.rows.index_select(0, torch.from_numpy(rows)).view(extra.size, ki, *step.weight.shape[2:])
-    ye = step.conv(x.values, weight, step.bias.index_select(0, torch.from_numpy(extra)))
+    rows = (extra[:, None] * g.in_per_group + x.idx[None, :]).ravel()
+    weight = g.rows.index_select(0, torch.from_numpy(rows)).view(extra.size, ki, *g.weight.shape[2:])
+    ye = g.conv(x.values, weight, g.bias.index_select(0, torch.from_numpy(extra)))
     out = yc.new_empty((1, ko, *yc.shape[2:]))
     if n_core:
         core_kept = oidx[in_core]

@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-if TYPE_CHECKING:
-    from ftwt_cli.engine.conv import ConvStep
-    from ftwt_cli.engine.core import StaticCore
+from ftwt_cli.engine.geometry import ConvGeometry
 
 #: Cost of slicing one weight float, in multiply-accumulates (measured on one AVX-512 core: a 9-float-run
 #: gather moves ~2 GFloat/s while the conv GEMM does ~35 GMAC/s). Used by the uncalibrated cost model;
@@ -43,28 +40,34 @@ def median_us(fn, reps: int = 5) -> float:
     return statistics.median(times)
 
 
-def choose(step: "ConvStep", ko: int, ki: int, row_key, mask: np.ndarray, core: "StaticCore | None") -> str:
-    """The cheapest strategy for a call that missed the 2-D slice cache."""
-    O, I = step.out_channels, step.in_per_group
-    costs = step.costs
+def choose(
+    g: ConvGeometry, costs: dict | None, fresh: float, gather_cost: float, rows_cached: bool,
+    ko: int, ki: int, mask: np.ndarray, core,
+) -> str:  # fmt: skip
+    """The cheapest strategy for a call that missed the 2-D slice cache.
+
+    ``fresh``: the chance this layer's masks do not come back (a slice is stored and reused when they
+    do); ``gather_cost``: the uncalibrated cost of slicing one weight float in MACs of this conv;
+    ``rows_cached``: the output-row slice of this mask is in the cache; ``core``: the layer's static
+    core when it can serve the call.
+    """
+    O, I = g.out_channels, g.in_per_group
     extra = 0 if core is None else ko - int(np.count_nonzero(mask & core.out_mask))
-    # A slice is stored and reused when the masks repeat: where this layer's masks mostly come back,
-    # slice (and cache) on every miss; otherwise charge the gather by the chance they do not.
-    fresh = 1.0 - (step.repeats + 1) / (step.lookups + 2) if step.cache.budget > 0 else 1.0
+    # Where this layer's masks mostly come back, slice (and cache) on every miss; otherwise charge the
+    # gather by the chance they do not.
     if fresh < 0.5:
         return "slice"
     if costs is None:  # the uncalibrated MAC model, in MAC units
-        options = {"slice": ko * ki * (1.0 + step.gather_cost), "dense": float(O * I)}
+        options = {"slice": ko * ki * (1.0 + gather_cost), "dense": float(O * I)}
         if core is not None:
-            options["core"] = core.out_idx.size * core.in_idx.size + extra * ki * (1.0 + step.gather_cost)
+            options["core"] = core.out_idx.size * core.in_idx.size + extra * ki * (1.0 + gather_cost)
     else:
         a, b = costs["conv_fixed"], costs["conv_per_mac"]
         options = {
             "slice": costs["gather2d"] * ko * ki * fresh + a + b * (ko * ki) / (O * I),
             "dense": a + b + costs["scatter"] * (ki < I) + costs["select"] * (ko < O),
         }
-        rows_hit = row_key is not None and row_key in step.cache.entries
-        options["rows"] = a + b * ko / O + costs["scatter"] * (ki < I) + (0.0 if rows_hit else costs["gather_rows"] * ko)
+        options["rows"] = a + b * ko / O + costs["scatter"] * (ki < I) + (0.0 if rows_cached else costs["gather_rows"] * ko)
         if core is not None:
             options["core"] = (
                 a + b * core.macs + costs["scatter"] * (ki < core.in_idx.size) + costs["select"]
@@ -73,14 +76,15 @@ def choose(step: "ConvStep", ko: int, ki: int, row_key, mask: np.ndarray, core: 
     return min(options, key=options.__getitem__)
 
 
-def best_threshold(step: "ConvStep", outs: np.ndarray, freq: np.ndarray, in_mask: np.ndarray, ki: np.ndarray) -> float:
+def best_threshold(
+    geometry: ConvGeometry, costs: dict | None, outs: np.ndarray, freq: np.ndarray, in_mask: np.ndarray, ki: np.ndarray
+) -> float:
     """CORE_THRESHOLD, or with calibrated costs the candidate threshold whose core serves the fitting
     samples cheapest (a bigger core costs MACs on every call; a smaller one an extra sliced conv)."""
-    costs = step.costs
     if not costs:
         return CORE_THRESHOLD
     a, b, g = costs["conv_fixed"], costs["conv_per_mac"], costs["gather2d"]
-    O, I, n_in = step.out_channels, step.in_per_group, int(in_mask.sum())
+    O, I, n_in = geometry.out_channels, geometry.in_per_group, int(in_mask.sum())
     best, best_cost = CORE_THRESHOLD, float("inf")
     for threshold in (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7):
         core = freq >= threshold
@@ -95,32 +99,33 @@ def best_threshold(step: "ConvStep", outs: np.ndarray, freq: np.ndarray, in_mask
     return best
 
 
-def calibrate(step: "ConvStep", reps: int = 3, rounds: int = 3) -> dict[str, float]:
-    """Time one layer on this machine (µs): conv at two sizes, 2-D and row gathers, scatter, select."""
-    if step.depthwise or step.groups != 1:
+def calibrate(g: ConvGeometry, reps: int = 3, rounds: int = 3) -> dict[str, float]:
+    """Time one layer on this machine (µs): conv at two sizes, 2-D and row gathers, scatter, select;
+    returns the cost model's coefficients (empty for grouped convs, which always run dense)."""
+    if g.depthwise or g.groups != 1:
         return {}
-    O, I = step.out_channels, step.in_per_group
-    x = torch.randn(1, I, *step.in_shape[2:], dtype=step.weight.dtype)
+    O, I = g.out_channels, g.in_per_group
+    x = torch.randn(1, I, *g.in_shape[2:], dtype=g.weight.dtype)
     qo, qi = max(1, O // 2), max(1, I // 2)
     oidx = np.arange(0, O, 2)[:qo]
     iidx = np.arange(0, I, 2)[:qi]
     toidx, tiidx = torch.from_numpy(oidx), torch.from_numpy(iidx)
     rows = torch.from_numpy((oidx[:, None] * I + iidx[None, :]).ravel())
     xq = x[:, tiidx].contiguous()
-    wq = step.rows.index_select(0, rows).view(qo, qi, *step.weight.shape[2:])
-    bq = step.bias[toidx]
-    y = step.conv(x, step.weight, step.bias)
+    wq = g.rows.index_select(0, rows).view(qo, qi, *g.weight.shape[2:])
+    bq = g.bias[toidx]
+    y = g.conv(x, g.weight, g.bias)
     samples = {k: [] for k in ("full", "quarter", "gather2d", "gather_rows", "scatter", "select")}
     for _ in range(rounds):  # interleaved rounds so that the machine's drift hits every measurement alike
-        samples["full"].append(median_us(lambda: step.conv(x, step.weight, step.bias), reps))
-        samples["quarter"].append(median_us(lambda: step.conv(xq, wq, bq), reps))
-        samples["gather2d"].append(median_us(lambda: step.rows.index_select(0, rows), reps))
-        samples["gather_rows"].append(median_us(lambda: step.filters.index_select(0, toidx), reps))
+        samples["full"].append(median_us(lambda: g.conv(x, g.weight, g.bias), reps))
+        samples["quarter"].append(median_us(lambda: g.conv(xq, wq, bq), reps))
+        samples["gather2d"].append(median_us(lambda: g.rows.index_select(0, rows), reps))
+        samples["gather_rows"].append(median_us(lambda: g.filters.index_select(0, toidx), reps))
         samples["scatter"].append(median_us(lambda: xq.new_zeros(x.shape).index_copy_(1, tiidx, xq), reps))
         samples["select"].append(median_us(lambda: y.index_select(1, toidx), reps))
     m = {k: min(v) for k, v in samples.items()}  # the least disturbed round (other jobs share the CPU)
     per_mac = max((m["full"] - m["quarter"]) / 0.75, 0.0)  # time(f) = fixed + per_mac · f, f = MAC fraction
-    step.costs = {
+    return {
         "conv_fixed": max(m["full"] - per_mac, 0.0),
         "conv_per_mac": per_mac,
         "gather2d": m["gather2d"] / (qo * qi),
@@ -129,4 +134,3 @@ def calibrate(step: "ConvStep", reps: int = 3, rounds: int = 3) -> dict[str, flo
         "select": m["select"],
         **{f"t_{k}": v for k, v in m.items()},
     }
-    return step.costs

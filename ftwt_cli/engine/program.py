@@ -19,12 +19,14 @@ from torch import nn
 from torch.fx.node import map_arg
 from torch.fx.passes.shape_prop import ShapeProp
 
-from ftwt_cli.engine import fallback as fb
+from ftwt_cli.core.gating import FTWTModel, GatedBlock
+from ftwt_cli.core.graph import is_zero_preserving
+from ftwt_cli.engine import choice
 from ftwt_cli.engine.cache import WeightCache
 from ftwt_cli.engine.compact import Compact, add, as_compact, as_dense, flatten, linear
 from ftwt_cli.engine.conv import ConvStep
-from ftwt_cli.gating import FTWTModel, GatedBlock
-from ftwt_cli.graph import is_zero_preserving
+from ftwt_cli.engine.geometry import ConvGeometry
+from ftwt_cli.engine.reference import dense_fallback, folded_dense
 
 
 class _LeafGatedBlocks(torch.fx.Tracer):
@@ -47,7 +49,7 @@ class SparseEngine(nn.Module):
         gated = isinstance(model, FTWTModel)
         self.gated = gated
         self.input_size = tuple(input_size)
-        backbone = model.backbone if gated else fb.folded_dense(model, input_size)
+        backbone = model.backbone if gated else folded_dense(model, input_size)
         self.source = model  # for the whole-engine fallback (built on demand)
         self.block_index = {id(b): i for i, b in enumerate(model.blocks)} if gated else {}
         self.cache = WeightCache(cache_mb)
@@ -123,7 +125,7 @@ class SparseEngine(nn.Module):
 
     def use_fallback(self, enabled: bool) -> None:
         """Run the whole engine as the dense model (BN folded; for an FTWT model with its heads and masks)."""
-        self.fallback = fb.dense_fallback(self.source, self.input_size) if enabled else None
+        self.fallback = dense_fallback(self.source, self.input_size) if enabled else None
 
     def calibrate(self, reps: int = 3) -> dict[int, dict[str, float]]:
         """Time every conv on this machine so that the cost model picks strategies from real costs."""
@@ -148,8 +150,8 @@ class SparseEngine(nn.Module):
         return {"layers_with_core": len(fractions), "mean_core_mac_fraction": float(np.mean(fractions)) if fractions else float("nan")}
 
     def measure(self, images: torch.Tensor, reps: int = 3, layers: bool = True, whole: bool = True) -> dict:
-        """Never slower than dense, measured on this machine: see :func:`fallback.measure`."""
-        self.measurement = fb.measure(self, images, reps=reps, layers=layers, whole=whole)
+        """Never slower than dense, measured on this machine: see :func:`choice.measure`."""
+        self.measurement = choice.measure(self, images, reps=reps, layers=layers, whole=whole)
         return self.measurement
 
     def strategy_counts(self) -> dict[str, int]:
@@ -172,10 +174,8 @@ class SparseEngine(nn.Module):
             conv, bn, head = (module.conv, module.bn, module.head) if gated else (module, None, None)
             in_shape = node.args[0].meta["tensor_meta"].shape
             out_hw = node.meta["tensor_meta"].shape[2:]
-            step = ConvStep(
-                conv, bn, head, in_shape, out_hw, self.cache, key=len(self.convs), strategy=self.strategy,
-                name=str(node.target), gather_cost_macs=self.gather_cost_macs,
-            )
+            geometry = ConvGeometry(conv, bn, in_shape, out_hw, key=len(self.convs), name=str(node.target))
+            step = ConvStep(geometry, head, self.cache, strategy=self.strategy, gather_cost_macs=self.gather_cost_macs)
             self.convs.append((self.block_index[id(module)] if gated else None, step))
             i = slot[node.args[0]]
             return lambda s: step(as_compact(s[i]))
@@ -287,16 +287,7 @@ def build_engine(
     engine = SparseEngine(model, tuple(input_size), cache_mb=cache_mb, strategy=strategy, gather_cost_macs=gather_cost_macs).eval()
     if calibrate:
         engine.calibrate()
-    measure_layers = layers == "measure" or (layers == "auto" and calibration_images is not None)
-    measure_whole = fallback == "measure" or (fallback == "auto" and calibration_images is not None)
-    if (measure_layers or measure_whole) and calibration_images is None:
-        raise ValueError("layers='measure' / fallback='measure' need calibration_images")
-    if not measure_layers and layers != "auto":
-        engine.set_layers(layers)
-    if measure_layers or measure_whole:
-        engine.measure(calibration_images, layers=measure_layers, whole=measure_whole)
-    elif isinstance(fallback, bool):
-        engine.use_fallback(fallback)
+    choice.decide(engine, calibration_images, layers, fallback)
     return engine
 
 

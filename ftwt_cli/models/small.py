@@ -1,6 +1,5 @@
 """SmallNet: the quickstart model, four conv→BN→ReLU blocks, small enough to train on a laptop CPU."""
 
-from torch import nn
 
 from ftwt_cli.models.vgg import VGG
 

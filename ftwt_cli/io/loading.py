@@ -1,4 +1,5 @@
-"""Turn a resolved :class:`Config` into data sets, models and checkpoints; shared by every command."""
+"""Turn a resolved :class:`Config` into data sets and models, and checkpoints into models; shared by every
+workflow."""
 
 from __future__ import annotations
 
@@ -11,13 +12,15 @@ import torchvision
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from ftwt_cli import checkpoint as ckpt
-from ftwt_cli.config import Config
-from ftwt_cli.data import DataSpec, build_dataset, num_classes_of, parse_data, subset
+from ftwt_cli.algorithms.static import apply_signature, restore
+from ftwt_cli.core.gating import FTWTModel
+from ftwt_cli.core.heads import HeadSpec
+from ftwt_cli.core.targets import Target, make_target
 from ftwt_cli.errors import BadInput
-from ftwt_cli.gating import FTWTModel, HeadSpec
+from ftwt_cli.io import checkpoint as ckpt
+from ftwt_cli.io.config import Config
+from ftwt_cli.io.data import DataSpec, build_dataset, num_classes_of, parse_data, subset
 from ftwt_cli.models import REGISTRY, create_model, input_size_for, is_user_model
-
 
 #: ``--checkpoint torchvision`` / ``--init torchvision``: torchvision's pretrained weights of the model.
 TORCHVISION = "torchvision"
@@ -32,6 +35,12 @@ class LoadedModel:
     @property
     def kind(self) -> str:
         return self.meta["kind"]
+
+    def target(self) -> Target | None:
+        """The ground-truth rule an FTWT checkpoint's masks are judged against (None for other kinds)."""
+        if self.kind != "ftwt":
+            return None
+        return make_target(self.meta.get("target", "mass"), float(self.meta["r"]))
 
 
 def data_spec(cfg: Config) -> DataSpec:
@@ -123,7 +132,7 @@ def ftwt_meta(cfg: Config, classes: int, r: float) -> dict:
 
 
 def head_spec(cfg: Config) -> HeadSpec:
-    return HeadSpec(pool=cfg.head_pool, softmax=cfg.head_softmax, norm=cfg.head_norm)
+    return HeadSpec(pool=cfg.head_pool, softmax=cfg.head_softmax, norm=cfg.head_norm, variant=cfg.head)
 
 
 def wrap(backbone: nn.Module, cfg: Config) -> FTWTModel:
@@ -190,12 +199,8 @@ def load_model(cfg: Config, path: str | None, *, require: str | None = None, war
     if meta["kind"] == "ftwt":
         model = FTWTModel(model, tuple(meta["input_size"]), head=HeadSpec.from_meta(meta))
         if meta.get("signature"):  # predefined signature: every head keeps its fixed count
-            from ftwt_cli.static import apply_signature
-
             apply_signature(model, meta["signature"])
     elif meta["kind"] == "static":  # rebuilt by replaying the pruning history, never unpickled
-        from ftwt_cli.static import restore
-
         model = restore(model, meta["pruning_history"], tuple(meta["input_size"]))
     ckpt.load_weights(model, payload["model"], path, what)
     return LoadedModel(model, meta, str(Path(path)))

@@ -1,7 +1,7 @@
 """Batch-1 CPU latency of the sparse engine against the dense backbone (the paper's Table 5).
 
 Dense reference: the same weights without heads or masks, with every BN folded into its conv
-(:func:`engine.folded_dense`), run as a plain ``nn.Module`` in the faster of the default and the
+(:func:`~ftwt_cli.engine.reference.folded_dense`), run as a plain ``nn.Module`` in the faster of the default and the
 channels-last memory format (timed on the warm-up images). Dense and engine run alternately on each
 image (their order swapping every image) so that both share the machine's drift; medians are reported.
 """
@@ -15,9 +15,11 @@ import torch
 from torch import nn
 
 from ftwt_cli.console import progress_bar
-from ftwt_cli.engine import build_engine, dense_fallback
-from ftwt_cli.flops import FlopsCounter
-from ftwt_cli.gating import FTWTModel
+from ftwt_cli.core.flops import FlopsCounter
+from ftwt_cli.core.gating import FTWTModel
+from ftwt_cli.engine.choice import decide
+from ftwt_cli.engine.program import build_engine
+from ftwt_cli.engine.reference import dense_fallback
 
 #: Calibration images for the engine's per-layer and whole-engine choice (taken from the layout images;
 #: each timed round sees images of its own, 2 per round at the default 3 rounds + warm-up).
@@ -74,7 +76,7 @@ def latency_report(
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        engine = build_engine(model, size, cache_mb=cache_mb, calibrate=calibrate, layers="sparse" if layers in ("auto", "measure") else layers, fallback=False)
+        engine = build_engine(model, size, cache_mb=cache_mb, calibrate=calibrate, layers="sparse", fallback=False)
         if layout_images is None:
             layout_source = f"the {warmup} warm-up images (cycled from the timed set)" if warmup else "none"
             layout_images = images[torch.arange(warmup) % len(images)] if warmup else images[:0]
@@ -83,11 +85,7 @@ def latency_report(
         layout_images = layout_images.detach().cpu()
         layout = engine.fit_layout(layout_images) if len(layout_images) else {}
         calibration = (layout_images if len(layout_images) else images)[:CALIBRATION_IMAGES]
-        measured = {}
-        if layers in ("auto", "measure") or fallback in ("auto", "measure"):
-            measured = engine.measure(calibration, layers=layers in ("auto", "measure"), whole=fallback in ("auto", "measure"))
-        if isinstance(fallback, bool):
-            engine.use_fallback(fallback)
+        measured = decide(engine, calibration, layers, fallback)  # calibration images at hand: "auto" measures
         dense, dense_info = dense_reference(model, size, calibration, rounds=2 if warmup else 1)
         gated = isinstance(model, FTWTModel)
         counter = FlopsCounter(model.graph) if gated else None
@@ -178,19 +176,20 @@ def kernel_floor(model: FTWTModel, images: torch.Tensor, threads: int = 1, reps:
         return min(times)
 
     def probe(step, x, y) -> None:
-        if step.depthwise or step.groups != 1:
+        g = step.geometry
+        if g.depthwise or g.groups != 1:
             return
         xd, xv = x.dense(), x.values
-        rows = torch.from_numpy((y.idx[:, None] * step.in_per_group + x.idx[None, :]).ravel())
-        w = step.rows.index_select(0, rows).view(y.idx.size, x.idx.size, *step.weight.shape[2:])
-        b = step.bias.index_select(0, y.tidx)
-        calls = [(dense_us, lambda: step.conv(xd, step.weight, step.bias))]
-        calls.append((sliced_us, (lambda: step.conv(xv, w, b)) if y.idx.size and x.idx.size else (lambda: None)))
+        rows = torch.from_numpy((y.idx[:, None] * g.in_per_group + x.idx[None, :]).ravel())
+        w = g.rows.index_select(0, rows).view(y.idx.size, x.idx.size, *g.weight.shape[2:])
+        b = g.bias.index_select(0, y.tidx)
+        calls = [(dense_us, lambda: g.conv(xd, g.weight, g.bias))]
+        calls.append((sliced_us, (lambda: g.conv(xv, w, b)) if y.idx.size and x.idx.size else (lambda: None)))
         for out, fn in calls if len(dense_us) % 2 else calls[::-1]:
             out.append(best(fn))
         head_us.append(best(lambda: step.output_mask(x)))
-        full = step.weight[0].numel() * step.out_channels * step.out_hw[0] * step.out_hw[1]
-        macs.append((full, full * y.idx.size * x.idx.size / (step.out_channels * step.in_per_group)))
+        full = g.weight[0].numel() * g.out_channels * g.out_hw[0] * g.out_hw[1]
+        macs.append((full, full * y.idx.size * x.idx.size / (g.out_channels * g.in_per_group)))
 
     try:
         engine = build_engine(model, tuple(images.shape[2:]), cache_mb=0.0)

@@ -1,103 +1,54 @@
-"""Never slower than dense: the dense references, and the build-time measurement that picks, per
-layer, the sparse paths or the dense conv, and for the whole engine, the engine or the dense model.
+"""Never slower than dense, measured on this machine: which convs take their sparse paths, and whether
+the whole engine runs the dense model instead. This module is the one home of that choice
+(:func:`decide`); ``build_engine`` and the latency measurement both call it.
 
-Both choices are measured on this machine on a few calibration images (their real masks): a layer
-keeps its sparse paths only where they beat its dense conv on those inputs, and the whole engine runs
-the dense model (BN folded; for an FTWT model with its heads applying the masks, so outputs stay the
-same) where that is faster than the engine with its per-layer choices.
+Both choices are measured on a few calibration images (their real masks): a layer keeps its sparse paths
+only where they beat its dense conv on those inputs, and the whole engine runs the dense model (BN
+folded; for an FTWT model with its heads applying the masks, so outputs stay the same) where that is
+faster than the engine with its per-layer choices.
 """
 
 from __future__ import annotations
 
-import copy
 import time
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ftwt_cli.engine.cache import WeightCache
-from ftwt_cli.gating import FTWTModel, replace_submodule
-from ftwt_cli.graph import analyze
-
-if TYPE_CHECKING:
-    from ftwt_cli.engine.conv import ConvStep
-    from ftwt_cli.engine.program import SparseEngine
+from ftwt_cli.engine.conv import ConvStep
+from ftwt_cli.engine.reference import dense_fallback
 
 #: A layer runs sparse only when its sparse paths are at least this much faster than its dense conv
 #: (timings this close are noise; dense is the safe side).
 SPARSE_MARGIN = 0.02
 
 
-def folded_dense(model: nn.Module, input_size: tuple[int, int]) -> nn.Module:
-    """The plain backbone (no heads, no masks) with every block's BN folded into its conv: the fair dense reference."""
-    if isinstance(model, FTWTModel):
-        backbone = copy.deepcopy(model.backbone).eval()
-        for spec in model.graph.blocks:
-            gated = backbone.get_submodule(spec.conv)
-            replace_submodule(backbone, spec.conv, fuse_conv_bn_eval(gated.conv, gated.bn))
-        return backbone
-    backbone = copy.deepcopy(model).eval()
-    for spec in analyze(backbone, input_size).blocks:
-        folded = fuse_conv_bn_eval(backbone.get_submodule(spec.conv), backbone.get_submodule(spec.bn))
-        replace_submodule(backbone, spec.conv, folded)
-        replace_submodule(backbone, spec.bn, nn.Identity())
-    return backbone
+def decide(engine, images: torch.Tensor | None, layers="auto", fallback="auto") -> dict:
+    """Apply the per-layer and whole-engine choice to ``engine`` (a :class:`~ftwt_cli.engine.program.SparseEngine`).
 
-
-class _MaskedConv(nn.Module):
-    """A BN-folded conv whose (unchanged) decision head zeroes the filters it drops."""
-
-    def __init__(self, conv: nn.Conv2d, head: nn.Module) -> None:
-        super().__init__()
-        self.conv, self.head = conv, head
-        self.mask: torch.Tensor | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.mask = self.head(x) > 0  # binarize's rule
-        return self.conv(x).mul_(self.mask[:, :, None, None].to(x.dtype))
-
-
-class DenseModel(nn.Module):
-    """The whole-engine fallback: BN-folded dense convs (for an FTWT model, masked by its own heads),
-    optionally in channels-last memory format. ``masked=False`` drops an FTWT model's heads: the plain
-    dense backbone, the reference latencies are measured against."""
-
-    def __init__(self, model: nn.Module, input_size: tuple[int, int], channels_last: bool = False, masked: bool = True) -> None:
-        super().__init__()
-        self.gates: list[_MaskedConv] = []
-        if isinstance(model, FTWTModel) and masked:
-            backbone = copy.deepcopy(model.backbone).eval()
-            for spec in model.graph.blocks:
-                gated = backbone.get_submodule(spec.conv)
-                gate = _MaskedConv(fuse_conv_bn_eval(gated.conv, gated.bn), gated.head)
-                replace_submodule(backbone, spec.conv, gate)
-                self.gates.append(gate)
-        else:
-            backbone = folded_dense(model, input_size)
-        self.channels_last = channels_last
-        self.backbone = backbone.to(memory_format=torch.channels_last) if channels_last else backbone
-
-    def last_masks(self) -> list[torch.Tensor]:
-        """Kept masks [N, C] of the last batch, in block order."""
-        return [g.mask for g in self.gates]
-
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return self.backbone(x)
-
-
-def dense_fallback(model: nn.Module, input_size: tuple[int, int], channels_last: bool = False, masked: bool = True) -> DenseModel:
-    return DenseModel(model, input_size, channels_last, masked).eval()
+    ``layers``: "auto" (measured on ``images`` when given, else every conv sparse), "measure", "sparse",
+    "dense", a list of bools in conv order, or a collection of conv names (those run sparse).
+    ``fallback``: "auto" (measured when ``images`` are given, else no), "measure", or a bool.
+    Returns what was measured (see :func:`measure`; empty when nothing was).
+    """
+    measure_layers = layers == "measure" or (layers == "auto" and images is not None)
+    measure_whole = fallback == "measure" or (fallback == "auto" and images is not None)
+    if (measure_layers or measure_whole) and (images is None or len(images) == 0):
+        raise ValueError("layers='measure' / fallback='measure' need calibration_images")
+    if not measure_layers and layers != "auto":
+        engine.set_layers(layers)
+    measured = {}
+    if measure_layers or measure_whole:
+        measured = engine.measure(images, layers=measure_layers, whole=measure_whole)
+    if isinstance(fallback, bool):
+        engine.use_fallback(fallback)
+    return measured
 
 
 @contextmanager
-def _untouched(steps: list["ConvStep"]):
+def _untouched(steps: list[ConvStep]):
     """Time steps without leaving a trace: counters, mask-repeat statistics and cache are restored."""
     saved = [(s.sparse, s.cache, dict(s.counts), s.repeats, s.lookups, set(s.seen_keys)) for s in steps]
     try:
@@ -107,7 +58,7 @@ def _untouched(steps: list["ConvStep"]):
             s.sparse, s.cache, s.counts, s.repeats, s.lookups, s.seen_keys = sparse, cache, counts, repeats, lookups, seen
 
 
-def _fresh(step: "ConvStep", saved_stats: tuple) -> None:
+def _fresh(step: ConvStep, saved_stats: tuple) -> None:
     """Start a timed round as the first real call would: empty cache, the mask statistics as they were."""
     step.cache = WeightCache(step.cache.budget / 2**20)
     step.repeats, step.lookups, step.seen_keys = saved_stats[0], saved_stats[1], set(saved_stats[2])
@@ -122,7 +73,7 @@ def _rounds(items: list, reps: int) -> list[list]:
     return [items] * (reps + 1)
 
 
-def _layer_times(step: "ConvStep", samples: list, reps: int) -> tuple[float, float]:
+def _layer_times(step: ConvStep, samples: list, reps: int) -> tuple[float, float]:
     """(sparse µs, dense µs) per call of ``step`` over ``samples`` (input, mask), best of ``reps`` rounds."""
     stats = (step.repeats, step.lookups, set(step.seen_keys))
     times: dict[bool, list[float]] = {True: [], False: []}
@@ -138,7 +89,7 @@ def _layer_times(step: "ConvStep", samples: list, reps: int) -> tuple[float, flo
     return min(times[True]), min(times[False])
 
 
-def measure(engine: "SparseEngine", images: torch.Tensor, reps: int = 3, layers: bool = True, whole: bool = True) -> dict:
+def measure(engine, images: torch.Tensor, reps: int = 3, layers: bool = True, whole: bool = True) -> dict:
     """Pick each conv's path (sparse or dense) and the whole engine's (engine or dense model) from
     timings on ``images`` [N, 3, H, W] (a few calibration images; their masks are the heads' own).
 
@@ -170,11 +121,12 @@ def measure(engine: "SparseEngine", images: torch.Tensor, reps: int = 3, layers:
     return report
 
 
-def _choose_layer(step: "ConvStep", block: int | None, samples: list, reps: int) -> dict:
+def _choose_layer(step: ConvStep, block: int | None, samples: list, reps: int) -> dict:
     keep = np.mean([1.0 if m is None else m.mean() for _, m in samples])
     active = np.mean([x.idx.size / x.width for x, _ in samples])
     # Nothing to choose where every call is the full conv anyway (or a general grouped conv: always dense).
-    choosable = (step.depthwise or step.groups == 1) and (keep < 1.0 or active < 1.0)
+    g = step.geometry
+    choosable = (g.depthwise or g.groups == 1) and (keep < 1.0 or active < 1.0)
     with _untouched([step]):
         sparse_us, dense_us = _layer_times(step, samples, reps)
     runs_sparse = bool(choosable and sparse_us < (1.0 - SPARSE_MARGIN) * dense_us)
@@ -187,11 +139,11 @@ def _choose_layer(step: "ConvStep", block: int | None, samples: list, reps: int)
         "dense_us": dense_us,
         "keep": float(keep),
         "active_in": float(active),
-        "macs": step.macs,
+        "macs": g.macs,
     }
 
 
-def _choose_whole(engine: "SparseEngine", images: torch.Tensor, reps: int) -> dict:
+def _choose_whole(engine, images: torch.Tensor, reps: int) -> dict:
     """Engine (with its per-layer choices) against the dense model in both memory formats, alternated."""
     candidates = {
         "engine": engine._run,

@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ftwt_cli.checkpoint import atomic_write_bytes  # noqa: E402
+from ftwt_cli.io.checkpoint import atomic_write_bytes  # noqa: E402
 
 
 def save_figure(fig, path: str | Path) -> None:

@@ -24,12 +24,16 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
+from ftwt_cli.core.heads import DEFAULT_HEAD, HEAD_POOLS, HEADS
+from ftwt_cli.core.targets import TARGETS
 from ftwt_cli.errors import BadInput
 
 # Package data, so that a wheel install finds the profiles and the quickstart checkpoint from any folder.
-PROFILE_DIR = Path(os.environ.get("FTWT_PROFILES") or Path(__file__).resolve().parent / "profiles")
+PROFILE_DIR = Path(os.environ.get("FTWT_PROFILES") or Path(__file__).resolve().parents[1] / "profiles")
 DEFAULT_PROFILE = "quickstart"
 MAX_RATIOS = 10_001  # 0:1:0.0001; finer grids only cost memory
+#: How the heads train with the backbone: detached inputs (decoupled) or straight-through (joint).
+MODES = ("decoupled", "joint")
 
 
 @dataclass
@@ -59,6 +63,7 @@ class Config:
     head_softmax: bool = True
     head_pool: str = "max"
     head_norm: bool = False
+    head: str = DEFAULT_HEAD  # a registered head variant (ftwt_cli.core.heads.HEADS)
     # dense baseline recipe
     dense_epochs: int = 200
     dense_lr: float = 0.1
@@ -183,18 +188,20 @@ def validate(c: Config) -> None:
         raise BadInput(f"--val-fraction must be in [0, 1) (0: no validation split), got {c.val_fraction:g}")
     if not (0.0 < c.r <= 1.0):
         raise BadInput(f"r must be in (0, 1], got {c.r}")
-    if c.mode not in ("decoupled", "joint"):
-        raise BadInput(f"--mode must be decoupled or joint, got {c.mode!r}")
-    if c.target not in ("mass", "topk"):
-        raise BadInput(f"target must be mass or topk, got {c.target!r}")
+    if c.target not in TARGETS:
+        raise BadInput(f"target must be {TARGETS.alternatives()} (--gt), got {c.target!r}")
     if c.device not in ("auto", "cpu", "cuda") and not (c.device.startswith("cuda:") and c.device[5:].isdigit()):
         raise BadInput(f"--device must be auto, cpu, cuda or cuda:N, got {c.device!r}")
     if not (0.0 <= c.freeze_heads_after <= 1.0):
         raise BadInput(f"--freeze-heads-after must be in [0, 1], got {c.freeze_heads_after}")
     if c.head_warmup < 0:
         raise BadInput(f"--head-warmup must be 0 or more epochs, got {c.head_warmup}")
-    if c.head_pool not in ("max", "avg"):
-        raise BadInput(f"--head-pool must be max or avg, got {c.head_pool!r}")
+    if c.head_pool not in HEAD_POOLS:
+        raise BadInput(f"--head-pool must be {' or '.join(HEAD_POOLS)}, got {c.head_pool!r}")
+    if c.head not in HEADS:
+        raise BadInput(f"--head must be {HEADS.alternatives()}, got {c.head!r}")
+    if c.mode not in MODES:
+        raise BadInput(f"--mode must be {' or '.join(MODES)}, got {c.mode!r}")
     if c.head_init not in ("random", "ones"):
         raise BadInput(f"--head-init must be random or ones, got {c.head_init!r}")
     parse_ratios(c.ratios)

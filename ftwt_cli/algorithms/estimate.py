@@ -14,8 +14,9 @@ from typing import Callable, Iterable
 import torch
 
 from ftwt_cli.console import progress_bar
-from ftwt_cli.flops import FlopsCounter, count_kept, ratio_levels, thresholds_from_masks
-from ftwt_cli.gating import CumulativeMassTarget, FTWTModel, keep_thresholds, rowwise_by_width
+from ftwt_cli.core.flops import FlopsCounter, count_kept, ratio_levels, thresholds_from_masks
+from ftwt_cli.core.gating import FTWTModel
+from ftwt_cli.core.targets import CumulativeMassTarget, keep_thresholds, rowwise_by_width
 
 #: Bisection runs on this dyadic grid of r, so every midpoint it visits is a grid point whose
 #: statistics the single data pass already holds (2^-12 ≈ 2.4e-4 resolution).

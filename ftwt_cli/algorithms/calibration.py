@@ -27,8 +27,9 @@ from typing import Callable, Iterable
 import torch
 
 from ftwt_cli.console import progress_bar
-from ftwt_cli.flops import FlopsCounter, count_kept, ratio_levels
-from ftwt_cli.gating import FTWTModel, keep_thresholds
+from ftwt_cli.core.flops import FlopsCounter, count_kept, ratio_levels
+from ftwt_cli.core.gating import FTWTModel
+from ftwt_cli.core.targets import keep_thresholds
 
 #: Bisection over r' stops when the measured reduction is this close to the target (points).
 TOLERANCE = 0.1
@@ -209,42 +210,3 @@ def before_and_after(model: FTWTModel, test: Callable, run: Callable[[], Calibra
         "test_reduction_calibrated_pct": tuned.flops_reduction_with_heads_pct,
     }
     return record, raw_stats, tuned_stats
-
-
-def calibrate_checkpoint(cfg, checkpoint: str, target_pct: float, out: str, show: Callable = progress_bar) -> dict:
-    """Calibrate an FTWT checkpoint to ``target_pct`` on the training images its run held out (the same
-    seeded split, from the checkpoint's record), save it to ``out`` and return the calibration record;
-    the test split is only reported."""
-    from ftwt_cli import checkpoint as ckpt
-    from ftwt_cli import runtime
-    from ftwt_cli.config import check_target_flops, resolve_device
-    from ftwt_cli.data import make_loader
-    from ftwt_cli.errors import BadInput
-    from ftwt_cli.gating import make_target
-    from ftwt_cli.train import validate
-
-    check_target_flops(target_pct)  # before anything is loaded
-    loaded = runtime.load_model(cfg, checkpoint, require="ftwt")
-    meta = loaded.meta
-    device = resolve_device(cfg.device)
-    model = loaded.model.to(device)
-    target = make_target(meta.get("target", "mass"), float(meta["r"]))
-    model.configure(mask_source="predicted", record=True, target=target)
-    held_cfg = cfg.override(**{k: meta[k] for k in ("samples", "train_samples", "val_fraction", "seed") if k in meta})
-    held = runtime.training_splits(held_cfg, augment=False)[1]
-    split = "val"
-    if held is None:
-        held, split = runtime.dataset(held_cfg, "train"), "train"
-    test_loader = make_loader(runtime.dataset(cfg, "test"), cfg.batch_size, workers=cfg.workers)
-    held_loader = make_loader(held, cfg.batch_size, workers=cfg.workers)
-
-    def run() -> Calibration:
-        try:
-            return calibrate(model, held_loader, device, target_pct, show=show)
-        except CalibrationError as exc:
-            raise BadInput(str(exc)) from None
-
-    record, _, _ = before_and_after(model, lambda label: validate(model, test_loader, device, target, show=show, label=label), run)
-    record["split"] = split
-    ckpt.save_checkpoint(out, model, {**meta, "calibration": record})
-    return {"path": str(out), **record}

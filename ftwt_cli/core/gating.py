@@ -1,240 +1,27 @@
-"""The FTWT core: self-supervised targets, decision heads and the gating wrapper.
+"""The gating wrapper: a decision head at every conv→BN block, binary masks on the block outputs.
 
-Everything that trains, estimates, evaluates or runs an FTWT model goes through this module and its
-sibling :mod:`ftwt_cli.graph` (block discovery) and :mod:`ftwt_cli.flops` (MAC accounting).
+Everything that trains, estimates, evaluates or runs an FTWT model goes through :class:`FTWTModel`,
+with :mod:`~ftwt_cli.core.graph` finding the blocks, :mod:`~ftwt_cli.core.targets` the ground truth,
+:mod:`~ftwt_cli.core.heads` the decision heads and :mod:`~ftwt_cli.core.flops` the MAC accounting.
 
 Vocabulary
 ----------
 block       a conv→BN[→activation] chain found in the backbone; it gets one decision head.
-response    a_c = max over H,W of |O_c|, the per-sample, per-channel activation peak, shape [N, C].
-threshold   the smallest r at which Algorithm 1 keeps a channel (0: always kept, inf: never kept).
-            ``mask(r) = threshold <= r + EPS``; every r can be evaluated from one set of thresholds,
-            which is what makes ``ftwt estimate`` a single data pass for any number of ratios.
+mask source how a block decides its mask (:data:`MASK_SOURCES`).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-#: Tolerance of the cumulative-mass comparison (Algorithm 1 prunes where cumsum > r + EPS).
-EPS = 1e-6
-
-
-def check_ratio(r: float) -> float:
-    """Return ``r`` if it is a valid mass ratio in (0, 1], else raise ValueError."""
-    r = float(r)
-    if not (0.0 < r <= 1.0) or math.isnan(r):
-        raise ValueError(f"r must be in (0, 1], got {r}")
-    return r
-
-
-def channel_response(activations: torch.Tensor) -> torch.Tensor:
-    """a_c = GMP(|O_c|): [N, C, H, W] → [N, C]. Never carries gradient."""
-    return activations.detach().abs().amax(dim=(2, 3))
-
-
-def keep_thresholds(response: torch.Tensor) -> torch.Tensor:
-    """Algorithm 1, inverted: the smallest r at which each channel is kept, [N, C] float32.
-
-    Channels are sorted by response (descending; ties by channel index, so results are deterministic),
-    the normalised cumulative sum at a channel's position is its threshold. The strongest channel of a
-    sample with any non-zero response gets 0 (always kept); channels whose response is 0 get +inf
-    (pruned even at r = 1), so an all-zero sample keeps nothing and no NaN can arise.
-    """
-    # Sort in the response's own dtype (the order is the same), accumulate in float64.
-    sorted_a, order = response.detach().sort(dim=1, descending=True, stable=True)
-    sorted_a = sorted_a.to(torch.float64)
-    total = sorted_a.sum(dim=1, keepdim=True)
-    cum = sorted_a.cumsum(dim=1) / total.clamp_min(torch.finfo(torch.float64).tiny)
-    cum[:, 0] = 0.0
-    cum = cum.masked_fill(sorted_a <= 0, math.inf)
-    return torch.empty_like(cum).scatter_(1, order, cum).to(torch.float32)
-
-
-def rowwise_by_width(fn: Callable[[torch.Tensor], torch.Tensor], tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Apply a row-independent ``fn`` ([M, C] → [M, ...]) to every tensor, one call per distinct width.
-
-    Blocks of equal width are stacked along the rows first: a ResNet56 step then makes 3 calls instead
-    of 55, which matters because these per-block tensors are small and per-call overhead dominates.
-    """
-    groups: dict[int, list[int]] = {}
-    for i, t in enumerate(tensors):
-        groups.setdefault(t.shape[1], []).append(i)
-    out: list[torch.Tensor] = [torch.empty(0)] * len(tensors)
-    for members in groups.values():
-        joined = fn(torch.cat([tensors[i] for i in members]))
-        for i, part in zip(members, joined.split([tensors[i].shape[0] for i in members])):
-            out[i] = part
-    return out
-
-
-def ground_truth_mask(activations: torch.Tensor, r: float) -> torch.Tensor:
-    """Algorithm 1: activations [N, C, H, W] → bool [N, C], True = keep."""
-    return CumulativeMassTarget(r).mask(channel_response(activations))
-
-
-def topk_mask(activations: torch.Tensor, fraction: float) -> torch.Tensor:
-    """The fixed-fraction ("uniform") target: keep the ceil(fraction·C) channels of highest GMP."""
-    return TopKTarget(fraction).mask(channel_response(activations))
-
-
-class Target(Protocol):
-    """A self-supervised target rule: per-sample channel responses [N, C] → keep mask bool [N, C]."""
-
-    name: str
-
-    def mask(self, response: torch.Tensor) -> torch.Tensor: ...
-
-
-@dataclass(frozen=True)
-class CumulativeMassTarget:
-    """Keep the strongest channels until they hold a fraction ``r`` of the activation mass (the paper)."""
-
-    r: float
-    name: str = "mass"
-
-    def __post_init__(self) -> None:
-        check_ratio(self.r)
-
-    def mask(self, response: torch.Tensor) -> torch.Tensor:
-        return keep_thresholds(response) <= self.r + EPS
-
-
-@dataclass(frozen=True)
-class TopKTarget:
-    """Keep a fixed fraction of channels in every layer and sample, highest response first."""
-
-    fraction: float
-    name: str = "topk"
-
-    def __post_init__(self) -> None:
-        check_ratio(self.fraction)
-
-    def mask(self, response: torch.Tensor) -> torch.Tensor:
-        channels = response.shape[1]
-        k = max(1, math.ceil(self.fraction * channels - EPS))
-        order = response.argsort(dim=1, descending=True, stable=True)
-        keep = torch.zeros_like(response, dtype=torch.bool)
-        return keep.scatter_(1, order[:, :k], True)
-
-
-@dataclass(frozen=True)
-class FixedCountTarget:
-    """Keep exactly ``count`` channels per sample, highest response first (a predefined signature's layer)."""
-
-    count: int
-    name: str = "count"
-
-    def __post_init__(self) -> None:
-        if self.count < 1:
-            raise ValueError(f"count must be at least 1, got {self.count}")
-
-    def mask(self, response: torch.Tensor) -> torch.Tensor:
-        return top_count_mask(response, self.count)
-
-
-def top_count_mask(scores: torch.Tensor, count: int) -> torch.Tensor:
-    """bool [N, C]: the ``count`` highest scores of every row (ties by channel index)."""
-    order = scores.argsort(dim=1, descending=True, stable=True)
-    keep = torch.zeros_like(scores, dtype=torch.bool)
-    return keep.scatter_(1, order[:, : min(count, scores.shape[1])], True)
-
-
-def make_target(kind: str, value: float) -> Target:
-    """Target rule by name: ``mass`` (Algorithm 1, value = r) or ``topk`` (value = kept fraction)."""
-    if kind == "mass":
-        return CumulativeMassTarget(value)
-    if kind == "topk":
-        return TopKTarget(value)
-    raise ValueError(f"unknown target kind {kind!r} (expected 'mass' or 'topk')")
-
-
-HEAD_POOLS = ("max", "avg")
-
-
-@dataclass(frozen=True)
-class HeadSpec:
-    """How a decision head reads its block input; recorded in checkpoints and run directories.
-
-    ``pool``: global ``max`` pooling (the paper's text) or ``avg`` (what the authors' public code does).
-    ``softmax``: softmax over channels (the paper). ``norm``: standardise each pooled channel with batch
-    statistics before the 1×1 conv (running statistics at inference, foldable into the conv, so free).
-    The norm exists because the softmax of C pooled maps is ≈ 1/C per channel and varies across images
-    by a few thousandths: without rescaling, SGD barely moves the head off its bias and the masks
-    become a static per-channel vote (see README, "Budget fidelity").
-    """
-
-    pool: str = "max"
-    softmax: bool = True
-    norm: bool = False
-
-    def __post_init__(self) -> None:
-        if self.pool not in HEAD_POOLS:
-            raise ValueError(f"head pool must be one of {HEAD_POOLS}, got {self.pool!r}")
-
-    @classmethod
-    def from_meta(cls, meta: dict) -> "HeadSpec":
-        """Checkpoints written before these options existed hold only ``head_softmax``."""
-        return cls(meta.get("head_pool", "max"), bool(meta.get("head_softmax", True)), bool(meta.get("head_norm", False)))
-
-    def to_meta(self) -> dict:
-        return {"head_pool": self.pool, "head_softmax": self.softmax, "head_norm": self.norm}
-
-    @property
-    def label(self) -> str:
-        """Short description for tables: the parts that differ from the paper's head."""
-        parts = [] if self.pool == "max" else ["avg-pool"]
-        parts += [] if self.softmax else ["no-softmax"]
-        parts += ["head-norm"] if self.norm else []
-        return " ".join(parts)
-
-
-class DecisionHead(nn.Module):
-    """f_p: global pool of the block input → softmax over channels (optional) → optional per-channel
-    standardisation → 1×1 conv with bias → logits, plus a per-filter ``logit_offset`` (zero unless the
-    model was calibrated to a FLOPs budget, see :mod:`ftwt_cli.calibrate`).
-
-    The 1×1 conv acts on a 1×1 map, so it is stored as the equivalent ``nn.Linear``.
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, spec: HeadSpec = HeadSpec()) -> None:
-        super().__init__()
-        self.pool = spec.pool
-        self.softmax = spec.softmax
-        self.norm = nn.BatchNorm1d(in_channels, affine=False) if spec.norm else None
-        self.proj = nn.Linear(in_channels, out_channels)
-        self.register_buffer("logit_offset", torch.zeros(out_channels))
-
-    def pooled(self, block_input: torch.Tensor) -> torch.Tensor:
-        """The head's input vector [N, C_in]: pooled, softmaxed if configured (before the norm)."""
-        pooled = block_input.amax(dim=(2, 3)) if self.pool == "max" else block_input.mean(dim=(2, 3))
-        return pooled.softmax(dim=1) if self.softmax else pooled
-
-    def forward(self, block_input: torch.Tensor) -> torch.Tensor:
-        x = self.pooled(block_input)
-        if self.norm is not None:
-            x = self.norm(x)
-        return self.proj(x) + self.logit_offset
-
-    def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weight, bias) of the inference-time affine map after :meth:`pooled`: the norm's running
-        statistics and the calibration offset folded into the 1×1 conv (what the sparse engine runs)."""
-        weight, bias = self.proj.weight.detach(), self.proj.bias.detach()
-        if self.norm is not None:
-            scale = (self.norm.running_var + self.norm.eps).rsqrt()
-            bias = bias - weight @ (self.norm.running_mean * scale)
-            weight = weight * scale
-        return weight.clone(), (bias + self.logit_offset).clone()
-
-    @property
-    def macs(self) -> int:
-        return self.proj.in_features * self.proj.out_features
+from ftwt_cli.core.graph import analyze
+from ftwt_cli.core.heads import DecisionHead, HeadSpec
+from ftwt_cli.core.targets import Target, channel_response, top_count_mask
 
 
 def binarize_top_count(logits: torch.Tensor, count: int, straight_through: bool = False) -> torch.Tensor:
@@ -346,15 +133,13 @@ class FTWTModel(nn.Module):
 
     def __init__(self, backbone: nn.Module, input_size: tuple[int, int], head: HeadSpec = HeadSpec()):
         super().__init__()
-        from ftwt_cli.graph import analyze
-
         self.graph = analyze(backbone, input_size)
         self.head_spec = head
         blocks: list[GatedBlock] = []
         for spec in self.graph.blocks:
             conv = backbone.get_submodule(spec.conv)
             bn = backbone.get_submodule(spec.bn)
-            head = DecisionHead(conv.in_channels, conv.out_channels, self.head_spec)
+            head = self.head_spec.build(conv.in_channels, conv.out_channels)
             head.to(device=conv.weight.device, dtype=conv.weight.dtype)
             block = GatedBlock(conv, bn, head, spec.activation, spec.monotone_activation)
             replace_submodule(backbone, spec.conv, block)

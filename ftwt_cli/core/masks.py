@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ftwt_cli.flops import FlopsCounter
+from ftwt_cli.core.flops import FlopsCounter
 
 #: Columns of MaskStats.sums, one row per block.
 _KEPT, _TRUTH_KEPT, _AGREE, _TRUE_POS, _BCE = range(5)

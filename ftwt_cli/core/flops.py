@@ -19,8 +19,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from ftwt_cli.gating import EPS
-from ftwt_cli.graph import ConvSpec, ModelGraph
+from ftwt_cli.core.graph import ConvSpec, ModelGraph
+from ftwt_cli.core.targets import EPS
 
 
 def thresholds_from_masks(masks: Sequence[torch.Tensor]) -> list[torch.Tensor]:

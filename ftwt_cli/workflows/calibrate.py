@@ -1,0 +1,61 @@
+"""``ftwt calibrate``: calibrate an FTWT checkpoint to a FLOPs budget on the training images its run held
+out (the same seeded split, read from the checkpoint's record) and save it; the test split is reported
+before and after, never used to choose."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from ftwt_cli.algorithms.calibration import Calibration, CalibrationError, before_and_after, calibrate
+from ftwt_cli.algorithms.evaluation import validate
+from ftwt_cli.console import progress_bar
+from ftwt_cli.errors import BadInput
+from ftwt_cli.io import checkpoint as ckpt
+from ftwt_cli.io import loading
+from ftwt_cli.io.config import Config, check_target_flops, resolve_device
+from ftwt_cli.io.data import make_loader
+
+#: Checkpoint meta fields that say which training images the run held out.
+HELD_OUT_FIELDS = ("samples", "train_samples", "val_fraction", "seed")
+
+
+def default_output(checkpoint: str) -> Path:
+    """``NAME-calibrated.pt`` beside the checkpoint."""
+    source = Path(checkpoint)
+    return source.with_name(f"{source.stem}-calibrated{source.suffix}")
+
+
+def calibrate_checkpoint(cfg: Config, checkpoint: str, target_pct: float, out: str | None, show: Callable = progress_bar) -> dict:
+    """Calibrate ``checkpoint`` to remove ``target_pct`` % of the FLOPs (heads included), save it to ``out``
+    (default: :func:`default_output`) and return the calibration record with the path."""
+    check_target_flops(target_pct)  # before anything is loaded
+    if not Path(checkpoint).is_file():
+        raise BadInput(f"checkpoint {checkpoint} does not exist")
+    destination = Path(out) if out else default_output(checkpoint)
+    if destination.is_dir():
+        raise BadInput(f"--out {destination} is a folder; give a file name")
+    loaded = loading.load_model(cfg, checkpoint, require="ftwt")
+    meta = loaded.meta
+    device = resolve_device(cfg.device)
+    model = loaded.model.to(device)
+    target = loaded.target()
+    model.configure(mask_source="predicted", record=True, target=target)
+    held_cfg = cfg.override(**{k: meta[k] for k in HELD_OUT_FIELDS if k in meta})
+    held = loading.training_splits(held_cfg, augment=False)[1]
+    split = "val"
+    if held is None:
+        held, split = loading.dataset(held_cfg, "train"), "train"
+    test_loader = make_loader(loading.dataset(cfg, "test"), cfg.batch_size, workers=cfg.workers)
+    held_loader = make_loader(held, cfg.batch_size, workers=cfg.workers)
+
+    def run() -> Calibration:
+        try:
+            return calibrate(model, held_loader, device, target_pct, show=show)
+        except CalibrationError as exc:
+            raise BadInput(str(exc)) from None
+
+    record, _, _ = before_and_after(model, lambda label: validate(model, test_loader, device, target, show=show, label=label), run)
+    record["split"] = split
+    ckpt.save_checkpoint(destination, model, {**meta, "calibration": record})
+    return {"path": str(destination), **record}

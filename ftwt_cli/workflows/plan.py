@@ -1,0 +1,55 @@
+"""``ftwt estimate`` and ``ftwt search``: planning before training, from one pass of the frozen dense model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ftwt_cli.algorithms.estimate import Estimate, SearchResult, UnreachableTarget, estimate, find_ratio
+from ftwt_cli.core.gating import FTWTModel
+from ftwt_cli.errors import BadInput
+from ftwt_cli.io import loading
+from ftwt_cli.io.config import Config, check_target_flops, parse_ratios, resolve_device
+from ftwt_cli.io.data import make_loader
+
+
+@dataclass
+class Planned:
+    """The dense model a plan was made from, and the plan."""
+
+    loaded: loading.LoadedModel
+    result: Estimate | SearchResult
+
+
+def _frozen_gated(cfg: Config):
+    """The frozen dense model (gated, masks off), its device and the training data of the planning pass."""
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)  # without a checkpoint the initialised weights must not vary between runs
+    loaded = loading.load_model(cfg, cfg.checkpoint, require="dense")
+    gated: FTWTModel = loading.wrap(loaded.model, cfg).to(device)
+    for p in gated.parameters():
+        p.requires_grad_(False)
+    loader = make_loader(loading.dataset(cfg, "train"), cfg.batch_size, workers=cfg.workers)
+    return loaded, gated, loader, device
+
+
+def plan_estimate(cfg: Config, ratios: str | None = None) -> Planned:
+    """The expected FLOPs reduction of every r in ``ratios`` (default: the profile's)."""
+    ratio_list = parse_ratios(ratios if ratios is not None else cfg.ratios)
+    loaded, gated, loader, device = _frozen_gated(cfg)
+    return Planned(loaded, estimate(gated, loader, ratio_list, device))
+
+
+def plan_search(cfg: Config, target_flops: float | None, tolerance: float, cascade: bool = False) -> Planned:
+    """The r whose estimated reduction is within ``tolerance`` points of ``target_flops``."""
+    if target_flops is None:
+        raise BadInput("--target-flops is required (percent of dense FLOPs to remove, e.g. 50)")
+    check_target_flops(target_flops)
+    if tolerance <= 0:
+        raise BadInput(f"--tolerance must be positive, got {tolerance:g}")
+    loaded, gated, loader, device = _frozen_gated(cfg)
+    try:
+        return Planned(loaded, find_ratio(gated, loader, device, target_flops, tolerance, cascade))
+    except UnreachableTarget as exc:
+        raise BadInput(str(exc)) from None
