@@ -9,7 +9,7 @@ On cifar10-mini (real CIFAR-10 images), with a dense ResNet20 (trained here, cac
 3. the test split measures, heads' MACs included: the reduction of the raw heads and of the calibrated
    heads, top-1 of each, and per layer the distinct masks and the heads' precision / recall.
 
-Goals (issue "budget"): |P − reached| ≤ 2 points raw and ≤ 1 point calibrated; calibration costs ≤ 1
+Goals: |P − reached| ≤ 2 points raw and ≤ 1 point calibrated; calibration costs ≤ 1
 point of top-1. Every figure comes from the same run, on this machine.
 
     python benchmarks/budget.py --quick --json [--init dense.pt] [--targets 30,50] [--variants paper,norm]
@@ -32,6 +32,7 @@ from rich.table import Table
 
 from ftwt_cli.io.config import resolve
 from ftwt_cli.workflows import train as training
+from ftwt_cli.workflows.train.spec import LAYERS_FILE, METRICS_FILE
 
 console = Console(stderr=True)
 GOAL_RAW, GOAL_CALIBRATED, GOAL_TOP1_COST = 2.0, 1.0, 1.0
@@ -56,16 +57,16 @@ def dense_checkpoint(args, base: dict) -> tuple[str, float | None]:
         milestones = [max(1, args.dense_epochs // 2), max(1, 3 * args.dense_epochs // 4)]
         cfg = resolve("resnet56-cifar10", **base, dense_epochs=args.dense_epochs, dense_milestones=milestones)
         console.print(f"training the dense {args.model} ({args.dense_epochs} epochs) → {cache}")
-        training.train(training.RunSpec(cfg, dense=True), out=str(cache))
-    history = pd.read_csv(cache / training.METRICS_FILE)
+        training.train(training.RunSpec(cfg, "dense"), out=str(cache))
+    history = pd.read_csv(cache / METRICS_FILE)
     return str(cache / "best.pt"), float(history["test_top1"].iloc[-1])
 
 
 def run_target(args, base: dict, init: str, target: float, variant: str, out: Path) -> dict:
     cfg = resolve("resnet56-cifar10", **base, **VARIANTS[variant], epochs=args.epochs, milestones=[max(1, args.epochs * 2 // 3)])
-    summary = training.train(training.RunSpec(cfg, dense=False, init=init, target_flops=target), out=str(out))
+    summary = training.train(training.RunSpec(cfg, "ftwt", init=init, target_flops=target), out=str(out))
     calibration = summary.calibration or {}
-    layers = pd.read_csv(out / training.LAYERS_FILE)
+    layers = pd.read_csv(out / LAYERS_FILE)
     last = layers[layers["epoch"] == layers["epoch"].max()]
     # best.pt (the epoch the held-out split chose) on the test split, before and after calibration
     raw, tuned = last[last["split"] == "best-raw"], last[last["split"] == "best-calibrated"]
@@ -88,7 +89,7 @@ def run_target(args, base: dict, init: str, target: float, variant: str, out: Pa
         "keep_target": raw["target_keep_ratio"].round(4).tolist(),
         "keep_raw": raw["keep_ratio"].round(4).tolist(),
         "keep_calibrated": tuned["keep_ratio"].round(4).tolist(),
-        "per_epoch_test_reduction_pct": [round(v, 2) for v in pd.read_csv(out / training.METRICS_FILE)["flops_reduction_with_heads_pct"]],
+        "per_epoch_test_reduction_pct": [round(v, 2) for v in pd.read_csv(out / METRICS_FILE)["flops_reduction_with_heads_pct"]],
         "run_dir": str(out),
     }
 

@@ -1,9 +1,9 @@
-"""Cost of ``ftwt estimate`` relative to a plain dense forward pass (issue 2 speed goal: ≤ 1.15).
+"""Cost of ``ftwt estimate`` relative to a plain dense forward pass (speed goal: ≤ 1.15).
 
 For each model, over the same preloaded images and batches:
 
 * dense      — the unwrapped backbone, eval mode, no grad;
-* est21/101  — :func:`ftwt_cli.estimate.estimate` with 21 and 101 ratios on the gated copy of the
+* est21/101  — :func:`ftwt_cli.algorithms.estimate.estimate` with 21 and 101 ratios on the gated copy of the
                same weights (records responses, computes thresholds, accumulates MACs and keep ratios).
 
 Images are decoded once into one tensor, so data loading costs the same (nothing) for every variant.

@@ -11,7 +11,7 @@ Masks are real: a short dense run and a short FTWT run (``python -m ftwt_cli tra
 epoch on a few hundred cifar10-mini images, resized to 224 for the ImageNet models), cached under
 ``--checkpoint-dir``. That training is tiny (2 shared CPU cores: resnet18 trains at ~10 images/s), so
 the three levels come from ONE trained FTWT run per model: each level adds a uniform shift, in units of
-each layer's logit spread, to every trained head's bias (the per-layer calibration offset of issue 9),
+each layer's logit spread, to every trained head's bias (the per-layer calibration offset),
 bisected on training images until the measured FLOPs reduction (heads included) is near the level.
 The FLOPs reduction in each ratio is the one measured on the timed images, heads included.
 

@@ -1,4 +1,4 @@
-"""Cost of an FTWT decoupled training step relative to a dense one (issue 3 speed goal: ≤ 1.15).
+"""Cost of an FTWT decoupled training step relative to a dense one (speed goal: ≤ 1.15).
 
 For each model, on the same preloaded batches of cifar10-mini (data loading costs nothing for both):
 
@@ -6,7 +6,7 @@ For each model, on the same preloaded batches of cifar10-mini (data loading cost
 * ftwt  — a gated copy of the same weights in decoupled mode at r = 0.9: heads predict and apply
           masks, targets come from the unmasked outputs, loss = CE + head loss, two SGD optimizers.
 
-Both run :func:`ftwt_cli.train.train_step`, the step ``ftwt train`` runs. Steps alternate
+Both run :func:`ftwt_cli.workflows.train.objectives.train_step`, the step ``ftwt train`` runs. Steps alternate
 (dense, ftwt, dense, ...) so drifting machine load hits both; the ratio is median(ftwt) / median(dense).
 
     python benchmarks/train_overhead.py [--quick] [--json] [--steps 20] [--models vgg16_bn,resnet56]
@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 from _common import CIFAR10_MINI  # noqa: E402 - benchmarks/ is on sys.path when run as a script
-from ftwt_cli.train import Objective, RunSpec, build_optimizers, train_step
 from rich.console import Console
 from rich.progress import Progress
 
@@ -33,6 +32,8 @@ from ftwt_cli.core.targets import make_target
 from ftwt_cli.io.config import resolve, resolve_device
 from ftwt_cli.io.data import build_dataset, parse_data, subset
 from ftwt_cli.models import create_model
+from ftwt_cli.workflows.train.objectives import CrossEntropyObjective, Loss, MaskObjective, train_step
+from ftwt_cli.workflows.train.spec import RunSpec
 
 DEFAULT_DATA = CIFAR10_MINI
 GOAL = 1.15
@@ -59,8 +60,8 @@ def make_stepper(model_name: str, batches, device: torch.device):
     target = make_target("mass", 0.9)
     gated.configure(mask_source="predicted", record=True, target=target, decoupled=True)
     variants = {
-        "dense": (dense, Objective(), build_optimizers(dense, RunSpec(cfg, dense=True))),
-        "ftwt": (gated, Objective(target), build_optimizers(gated, RunSpec(cfg, dense=False, init="-"))),
+        "dense": (dense, Loss(), CrossEntropyObjective(RunSpec(cfg, "dense")).optimizers(dense)),
+        "ftwt": (gated, Loss(target), MaskObjective(RunSpec(cfg, "ftwt", init="-"), target).optimizers(gated)),
     }
     position = {"dense": 0, "ftwt": 0}
 

@@ -215,7 +215,7 @@ HEADERS = {
     "dense_us": "dense µs",
     "active_in": "active in",
 }
-#: The fields of ftwt_cli.latency.latency_report shown in the terminal.
+#: The fields of ftwt_cli.engine.latency.latency_report shown in the terminal.
 LATENCY_COLUMNS = (
     "dense_ms",
     "engine_ms",

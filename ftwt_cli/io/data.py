@@ -1,7 +1,7 @@
 """Data sets and loaders: the embedded synthetic set, CIFAR-10/100 and ImageFolder trees.
 
 Every dataset yields ``(image, label)`` with image a float tensor; ``normalize=False`` keeps pixels in
-[0, 1] so that perturbations (blur, noise) can be applied before normalisation (see evaluate.py).
+[0, 1] so that perturbations (blur, noise) can be applied before normalisation (see ftwt_cli.algorithms.perturb).
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torchvision
@@ -36,10 +37,13 @@ class LoadedModel:
     def kind(self) -> str:
         return self.meta["kind"]
 
-    def target(self) -> Target | None:
-        """The ground-truth rule an FTWT checkpoint's masks are judged against (None for other kinds)."""
+    def target(self) -> Target | Sequence[Target] | None:
+        """The ground truth an FTWT checkpoint's masks are judged against, as it was trained: its target
+        rule at its r, or a predefined signature's per-block top-k counts (None for other kinds)."""
         if self.kind != "ftwt":
             return None
+        if self.meta.get("signature"):
+            return self.model.targets()  # set by apply_signature when the checkpoint was loaded
         return make_target(self.meta.get("target", "mass"), float(self.meta["r"]))
 
 

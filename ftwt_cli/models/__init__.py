@@ -50,7 +50,7 @@ def is_user_model(spec: str) -> bool:
 def create_model(spec: str, num_classes: int) -> nn.Module:
     """Build a registry model by name, or call ``package.module:callable`` / ``file.py:callable``.
 
-    Weights are initialised; pretrained and trained weights are loaded by ftwt_cli.runtime.load_model.
+    Weights are initialised; pretrained and trained weights are loaded by ftwt_cli.io.loading.load_model.
     """
     if not is_user_model(spec):
         entry = REGISTRY.get(spec)

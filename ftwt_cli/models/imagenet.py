@@ -1,4 +1,4 @@
-"""ImageNet models from torchvision (initialised weights; runtime.pretrained_weights fetches torchvision's
+"""ImageNet models from torchvision (initialised weights; ftwt_cli.io.loading.pretrained_weights fetches torchvision's
 pretrained state_dicts, which load through the same path as any checkpoint)."""
 
 import torchvision
