@@ -15,8 +15,8 @@ from torch.utils.data import Dataset, Subset
 
 from ftwt_cli.algorithms.static import apply_signature, restore
 from ftwt_cli.core.gating import FTWTModel
-from ftwt_cli.core.heads import HeadSpec
-from ftwt_cli.core.targets import Target, make_target
+from ftwt_cli.core.heads import DEFAULT_HEAD, HEADS, HeadSpec
+from ftwt_cli.core.targets import TARGETS, Target, make_target
 from ftwt_cli.errors import BadInput
 from ftwt_cli.io import checkpoint as ckpt
 from ftwt_cli.io.config import Config
@@ -201,6 +201,12 @@ def load_model(cfg: Config, path: str | None, *, require: str | None = None, war
     model = create_model(cfg.model, int(meta["num_classes"]))
     what = f"{cfg.model} ({meta['kind']})"
     if meta["kind"] == "ftwt":
+        for registry, name in ((HEADS, meta.get("head", DEFAULT_HEAD)), (TARGETS, meta.get("target", "mass"))):
+            if name not in registry:  # e.g. a variant registered by the code that trained it
+                raise BadInput(
+                    f"checkpoint {path} uses the {registry.what} {name!r}, which this ftwt does not have "
+                    f"(known: {registry.choices()}); register it before loading"
+                )
         model = FTWTModel(model, tuple(meta["input_size"]), head=HeadSpec.from_meta(meta))
         if meta.get("signature"):  # predefined signature: every head keeps its fixed count
             apply_signature(model, meta["signature"])
