@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ftwt_cli.core.codebook import Codebook
 from ftwt_cli.core.graph import analyze
 from ftwt_cli.core.heads import DecisionHead, HeadSpec
 from ftwt_cli.core.targets import Target, channel_response, top_count_mask
@@ -83,6 +84,7 @@ class GatedBlock(nn.Module):
         self.mask_source = "dense"
         self.target: Target | None = None
         self.keep_count: int | None = None  # predefined signature: the head keeps exactly this many channels
+        self.codebook: Codebook | None = None  # routing among K prototype masks (see core.codebook)
         self.detach_head_input = True  # decoupled training: the head loss never reaches the backbone
         self.straight_through = False  # joint training: gradients cross the binarisation
         self.record = False
@@ -116,7 +118,9 @@ class GatedBlock(nn.Module):
             mask = self.target.mask(response).to(y.dtype)
         else:
             straight_through = self.straight_through and self.training
-            if self.keep_count is None:
+            if self.codebook is not None:
+                mask = self.codebook.mask(logits, straight_through)
+            elif self.keep_count is None:
                 mask = binarize(logits, straight_through)
             else:
                 mask = binarize_top_count(logits, self.keep_count, straight_through)
@@ -182,6 +186,21 @@ class FTWTModel(nn.Module):
                 block.detach_head_input = decoupled
                 block.straight_through = not decoupled
         return self
+
+    def set_codebooks(self, prototypes: Sequence[torch.Tensor | None]) -> "FTWTModel":
+        """Give each block its prototype masks [K, C] (None: the head's own threshold decides)."""
+        if len(prototypes) != len(self.blocks):
+            raise ValueError(f"expected {len(self.blocks)} codebooks, got {len(prototypes)}")
+        for block, protos in zip(self.blocks, prototypes):
+            if protos is not None and protos.shape[1] != block.conv.out_channels:
+                raise ValueError(f"a codebook of {block.conv.out_channels}-filter block has {protos.shape[1]} columns")
+            device = block.conv.weight.device
+            block.codebook = None if protos is None else Codebook(protos).to(device)
+        return self
+
+    def codebook_sizes(self) -> list[int]:
+        """K per block (0: no codebook), what a checkpoint records to rebuild the buffers before loading."""
+        return [0 if b.codebook is None else b.codebook.size for b in self.blocks]
 
     def records(self) -> list[BlockRecord]:
         missing = [i for i, b in enumerate(self.blocks) if b.last is None]

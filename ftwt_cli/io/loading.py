@@ -210,6 +210,9 @@ def load_model(cfg: Config, path: str | None, *, require: str | None = None, war
         model = FTWTModel(model, tuple(meta["input_size"]), head=HeadSpec.from_meta(meta))
         if meta.get("signature"):  # predefined signature: every head keeps its fixed count
             apply_signature(model, meta["signature"])
+        if any(meta.get("codebook_sizes") or []):  # routing among prototypes: buffers of these shapes
+            widths = [b.out_channels for b in model.graph.blocks]
+            model.set_codebooks([torch.zeros(k, c) if k else None for k, c in zip(meta["codebook_sizes"], widths)])
     elif meta["kind"] == "static":  # rebuilt by replaying the pruning history, never unpickled
         model = restore(model, meta["pruning_history"], tuple(meta["input_size"]))
     ckpt.load_weights(model, payload["model"], path, what)
