@@ -131,9 +131,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(run_cli, tmp_p
     calls = {"n": 0}
     original = Loss.__call__
 
-    def poisoned(self, model, logits, labels):
+    def poisoned(self, model, logits, labels, images=None):
         calls["n"] += 1
-        task, heads, truth = original(self, model, logits, labels)
+        task, heads, truth = original(self, model, logits, labels, images)
         return (task * math.nan if calls["n"] > 4 else task), heads, truth  # smoke: 4 steps per epoch
 
     monkeypatch.setattr(Loss, "__call__", poisoned)

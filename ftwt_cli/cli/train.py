@@ -26,6 +26,7 @@ from ftwt_cli.cli.app import (
     resolve_config,
 )
 from ftwt_cli.console import console, emit_json
+from ftwt_cli.core.graph import GATES
 from ftwt_cli.core.heads import HEADS
 from ftwt_cli.core.targets import TARGETS
 from ftwt_cli.errors import BadInput
@@ -98,6 +99,25 @@ def train_command(
     static_signature: Annotated[
         bool, typer.Option("--static-signature", help="With --signature: prune the same counts statically (one filter set).")
     ] = False,
+    gate: Annotated[
+        Optional[str],
+        typer.Option("--gate", help=f"Which conv→BN blocks get heads: {GATES.choices(' | ')} (internal: not the convs before residual adds)."),
+    ] = None,
+    codebook: Annotated[
+        Optional[int],
+        typer.Option("--codebook", help="With --target-flops: route each image among K prototype masks per layer, fitted when the heads freeze."),
+    ] = None,
+    distill: Annotated[
+        Optional[float],
+        typer.Option("--distill", help="Distil from the dense init at this temperature (FTWT and static baselines; 0: off)."),
+    ] = None,
+    distill_weight: Annotated[
+        Optional[float], typer.Option("--distill-weight", help="Share of the distillation term in the task loss (default 0.5).")
+    ] = None,
+    bn_reestimate: Annotated[
+        Optional[bool],
+        typer.Option("--bn-reestimate/--no-bn-reestimate", help="With --target-flops: re-estimate BN statistics under best.pt's final masks."),
+    ] = None,
     gt: Annotated[
         Optional[str],
         typer.Option("--gt", help="Ground truth of the heads: " + " | ".join(f"{n} ({t.help})" for n, t in TARGETS.items()) + "."),
@@ -124,13 +144,20 @@ def train_command(
     ftwt_options = dict(
         r=r, mode=mode, head_lr=head_lr, freeze_heads_after=freeze_heads_after, head_init=head_init, head=head,
         head_softmax=head_softmax, head_pool=head_pool, head_norm=head_norm, head_warmup=head_warmup, calibrate=calibrate,
+        gate=gate, codebook=codebook, bn_reestimate=bn_reestimate,
     )  # fmt: skip
+    distillation = dict(distill=distill, distill_weight=distill_weight)
+    if codebook is not None and codebook < 1:
+        raise BadInput(f"--codebook K needs at least 1 prototype per layer, got {codebook}")
+    if distill is not None and not distill > 0:
+        raise BadInput(f"--distill is a temperature and must be positive, got {distill:g}")
     try:
         if resume:
             fixed = _given(
                 dense=dense, init=init, target_flops=target_flops, lr=lr, milestones=milestones, val_fraction=val_fraction,
                 out=out, profile=profile, model=model, data=data, samples=samples, batch_size=batch_size, seed=seed,
                 static=static, signature=signature, static_signature=static_signature, gt=gt, **ftwt_options,
+                **distillation,
             )  # fmt: skip
             if fixed:
                 raise BadInput(f"--resume continues a run as it was configured; drop {', '.join(fixed)}")
@@ -140,7 +167,8 @@ def train_command(
         else:
             if r is not None and target_flops is not None:
                 raise BadInput("give either --r or --target-flops, not both")
-            if dense and (clash := _given(init=init, r=r, target_flops=target_flops, mode=mode, static=static, signature=signature)):
+            if dense and (clash := _given(init=init, r=r, target_flops=target_flops, mode=mode, static=static, signature=signature,
+                                          codebook=codebook, distill=distill)):
                 raise BadInput(f"--dense trains the plain backbone; {', '.join(clash)} apply to FTWT training")
             _check_baseline_options(static, signature, static_signature, gt, target_flops, **ftwt_options)
             prefix = "dense_" if dense else ""
@@ -149,7 +177,7 @@ def train_command(
                 show=is_main,
                 model=model, data=data, samples=samples, train_samples=samples, batch_size=batch_size, device=device,
                 seed=seed, sync_bn=sync_bn, pretrained=False if dense else None, data_root=data_root, download=download,
-                workers=workers, val_fraction=val_fraction, **ftwt_options,
+                workers=workers, val_fraction=val_fraction, **ftwt_options, **distillation,
                 target="topk" if (signature and not static_signature) else gt,
                 **{
                     f"{prefix}epochs": epochs,
@@ -209,3 +237,5 @@ def _check_baseline_options(static, signature, static_signature, gt, target_flop
             raise BadInput(f"--signature fixes per-layer counts with top-k targets; drop {', '.join(clash)}")
     elif gt == "topk" and target_flops is not None:
         raise BadInput("--target-flops searches the mass ratio r; with --gt topk give --r (the kept fraction)")
+    if not (static or static_signature) and target_flops is None and (clash := _given(codebook=ftwt_options["codebook"], bn_reestimate=ftwt_options["bn_reestimate"])):
+        raise BadInput(f"{', '.join(clash)} fit the delivered model to a FLOPs budget: add --target-flops P")

@@ -135,9 +135,10 @@ class FTWTModel(nn.Module):
     ``forward`` returns the backbone's logits; :meth:`records` returns what every block saw.
     """
 
-    def __init__(self, backbone: nn.Module, input_size: tuple[int, int], head: HeadSpec = HeadSpec()):
+    def __init__(self, backbone: nn.Module, input_size: tuple[int, int], head: HeadSpec = HeadSpec(), gate: str = "all"):
         super().__init__()
-        self.graph = analyze(backbone, input_size)
+        self.gate = gate  # which blocks are gated (core.graph.GATES)
+        self.graph = analyze(backbone, input_size, gate=gate)
         self.head_spec = head
         blocks: list[GatedBlock] = []
         for spec in self.graph.blocks:

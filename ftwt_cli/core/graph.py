@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from ftwt_cli.core.registry import Registry
+
 # module type → (functional form that never works in place, monotone and non-negative?)
 _ACTIVATION_MODULES: dict[type, Callable[[nn.Module], tuple[Callable, bool]]] = {
     nn.ReLU: lambda m: (F.relu, True),
@@ -73,6 +75,7 @@ class BlockSpec:
     monotone_activation: bool
     in_channels: int
     out_channels: int
+    internal: bool = False  # its output feeds convs only (no residual add, concat or output)
 
 
 @dataclass(frozen=True)
@@ -136,8 +139,30 @@ def is_zero_preserving(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bo
     return node.op == "call_function" and node.target in _ZERO_PRESERVING_FUNCTIONS
 
 
-def analyze(model: nn.Module, input_size: tuple[int, int]) -> ModelGraph:
-    """Trace ``model`` (dense, not yet gated) on a 3×H×W input and describe its blocks and layers."""
+def feeds_convs_only(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether every path from ``node`` reaches a conv through single-input zero-preserving layers only
+    (a block-internal output), never a residual add, a concatenation or the network's output."""
+    for user in node.users:
+        if user.op == "call_module" and isinstance(modules[user.target], nn.Conv2d):
+            continue
+        single_input = len([a for a in user.all_input_nodes]) == 1
+        if not (single_input and is_zero_preserving(user, modules) and feeds_convs_only(user, modules)):
+            return False
+    return bool(node.users)
+
+
+#: Which conv→BN blocks get a decision head: ``all`` (every one, the paper) or ``internal`` (only those
+#: whose output feeds convs alone: a residual block's inner convs, not the conv before each add; static
+#: pruning of option-A ResNets prunes just those).
+GATES: Registry[Callable[[BlockSpec], bool]] = Registry("gated-block policy")
+GATES.register("all")(lambda block: True)
+GATES.register("internal")(lambda block: block.internal)
+
+
+def analyze(model: nn.Module, input_size: tuple[int, int], gate: str = "all") -> ModelGraph:
+    """Trace ``model`` (dense, not yet gated) on a 3×H×W input and describe its blocks and layers;
+    ``gate`` names the policy (:data:`GATES`) that decides which conv→BN blocks are gated."""
+    gated = GATES[gate]
     try:
         traced = torch.fx.symbolic_trace(model)
     except Exception as exc:  # noqa: BLE001 - any tracing failure falls back to module order
@@ -173,17 +198,19 @@ def analyze(model: nn.Module, input_size: tuple[int, int]) -> ModelGraph:
             continue
         bn_users = list(bn_node.users)
         act = _activation_of(bn_users[0], modules) if len(bn_users) == 1 else None
-        block_of_bn[bn_node] = block_of_conv[node] = len(graph.blocks)
-        graph.blocks.append(
-            BlockSpec(
-                conv=node.target,
-                bn=bn_node.target,
-                activation=act[0] if act else None,
-                monotone_activation=act[1] if act else False,
-                in_channels=conv.in_channels,
-                out_channels=conv.out_channels,
-            )
+        spec = BlockSpec(
+            conv=node.target,
+            bn=bn_node.target,
+            activation=act[0] if act else None,
+            monotone_activation=act[1] if act else False,
+            in_channels=conv.in_channels,
+            out_channels=conv.out_channels,
+            internal=feeds_convs_only(bn_users[0] if act else bn_node, modules),
         )
+        if not gated(spec):
+            continue
+        block_of_bn[bn_node] = block_of_conv[node] = len(graph.blocks)
+        graph.blocks.append(spec)
 
     for node in traced.graph.nodes:
         if node.op != "call_module":

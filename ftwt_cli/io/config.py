@@ -24,6 +24,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
+from ftwt_cli.core.graph import GATES
 from ftwt_cli.core.heads import DEFAULT_HEAD, HEAD_POOLS, HEADS
 from ftwt_cli.core.targets import TARGETS
 from ftwt_cli.errors import BadInput
@@ -64,6 +65,11 @@ class Config:
     head_pool: str = "max"
     head_norm: bool = False
     head: str = DEFAULT_HEAD  # a registered head variant (ftwt_cli.core.heads.HEADS)
+    gate: str = "all"  # which conv→BN blocks get heads (ftwt_cli.core.graph.GATES)
+    codebook: int = 0  # K prototype masks per gated block, fitted when the heads freeze (0: none)
+    distill: float = 0.0  # distillation from the dense init at this temperature (0: none)
+    distill_weight: float = 0.5  # share of the distillation term in the task loss
+    bn_reestimate: bool = False  # re-estimate BN statistics under the final masks (budgeted runs)
     # dense baseline recipe
     dense_epochs: int = 200
     dense_lr: float = 0.1
@@ -198,6 +204,14 @@ def validate(c: Config) -> None:
         raise BadInput(f"--head-warmup must be 0 or more epochs, got {c.head_warmup}")
     if c.head_pool not in HEAD_POOLS:
         raise BadInput(f"--head-pool must be {' or '.join(HEAD_POOLS)}, got {c.head_pool!r}")
+    if c.gate not in GATES:
+        raise BadInput(f"--gate must be {GATES.alternatives()}, got {c.gate!r}")
+    if c.codebook < 0:
+        raise BadInput(f"--codebook K must be at least 1 prototype per layer (0: none), got {c.codebook}")
+    if not c.distill >= 0:
+        raise BadInput(f"--distill is a temperature and must be positive (0: no distillation), got {c.distill:g}")
+    if not 0.0 < c.distill_weight <= 1.0:
+        raise BadInput(f"--distill-weight must be in (0, 1], got {c.distill_weight:g}")
     if c.head not in HEADS:
         raise BadInput(f"--head must be {HEADS.alternatives()}, got {c.head!r}")
     if c.mode not in MODES:

@@ -126,7 +126,11 @@ def ftwt_meta(cfg: Config, classes: int, r: float) -> dict:
         "r": r,
         "target": cfg.target,
         **head_spec(cfg).to_meta(),
+        "gate": cfg.gate,
         "mode": cfg.mode,
+        **distill_meta(cfg),
+        **({"codebook": cfg.codebook} if cfg.codebook else {}),
+        **({"bn_reestimate": True} if cfg.bn_reestimate else {}),
         # which training images the run held out (ftwt calibrate reuses them)
         "samples": cfg.samples,
         "train_samples": cfg.train_samples,
@@ -135,12 +139,17 @@ def ftwt_meta(cfg: Config, classes: int, r: float) -> dict:
     }
 
 
+def distill_meta(cfg: Config) -> dict:
+    """The distillation a run used, for its checkpoints (nothing when it used none)."""
+    return {"distill": cfg.distill, "distill_weight": cfg.distill_weight} if cfg.distill > 0 else {}
+
+
 def head_spec(cfg: Config) -> HeadSpec:
     return HeadSpec(pool=cfg.head_pool, softmax=cfg.head_softmax, norm=cfg.head_norm, variant=cfg.head)
 
 
 def wrap(backbone: nn.Module, cfg: Config) -> FTWTModel:
-    return FTWTModel(backbone, input_size(cfg), head=head_spec(cfg))
+    return FTWTModel(backbone, input_size(cfg), head=head_spec(cfg), gate=cfg.gate)
 
 
 def initial_weights(cfg: Config, given: str | None) -> str | None:
@@ -207,7 +216,7 @@ def load_model(cfg: Config, path: str | None, *, require: str | None = None, war
                     f"checkpoint {path} uses the {registry.what} {name!r}, which this ftwt does not have "
                     f"(known: {registry.choices()}); register it before loading"
                 )
-        model = FTWTModel(model, tuple(meta["input_size"]), head=HeadSpec.from_meta(meta))
+        model = FTWTModel(model, tuple(meta["input_size"]), head=HeadSpec.from_meta(meta), gate=meta.get("gate", "all"))
         if meta.get("signature"):  # predefined signature: every head keeps its fixed count
             apply_signature(model, meta["signature"])
         if any(meta.get("codebook_sizes") or []):  # routing among prototypes: buffers of these shapes

@@ -49,8 +49,9 @@ class LatencyOptions:
 def describe(meta: dict) -> str:
     """A short label for tables and legends: ``dense``, or ``ftwt r=0.9`` plus every choice that differs
     from the paper's defaults (target rule, joint mode, head options) and ``calibrated`` (Table 3 columns)."""
+    distilled = [f"kd T={meta['distill']:g}"] if meta.get("distill") else []
     if meta.get("kind") == "static":
-        return f"static-{meta.get('method', '?')}"
+        return " ".join([f"static-{meta.get('method', '?')}", *distilled])
     if meta.get("kind") != "ftwt":
         return str(meta.get("kind", "dense"))
     parts = [f"ftwt r={meta.get('r'):.4g}" if meta.get("r") is not None else "ftwt"]
@@ -61,6 +62,13 @@ def describe(meta: dict) -> str:
     if meta.get("mode", "decoupled") != "decoupled":
         parts.append(str(meta["mode"]))
     parts.append(HeadSpec.from_meta(meta).label)
+    if meta.get("gate", "all") != "all":
+        parts.append(f"{meta['gate']}-gates")
+    if meta.get("codebook"):
+        parts.append(f"codebook-{meta['codebook']}")
+    parts += distilled
+    if meta.get("bn_reestimate"):
+        parts.append("bn-reestimated")
     if meta.get("calibration"):
         parts.append("calibrated")
     return " ".join(p for p in parts if p)

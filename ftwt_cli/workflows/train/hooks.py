@@ -3,14 +3,19 @@
 A hook may act when an epoch starts, veto an epoch as ``best.pt``, and act when training ends. The
 budget policy of ``--target-flops`` runs is one: it calibrates the heads when they freeze (so the
 backbone fine-tunes under the masks it ships with), delivers only epochs trained under those masks, and
-recalibrates ``best.pt`` at the end (see :mod:`ftwt_cli.algorithms.calibration`).
+recalibrates ``best.pt`` at the end (see :mod:`ftwt_cli.algorithms.calibration`). With ``--codebook K``
+it also fits K prototype masks per layer at the freeze, sized to the budget
+(:mod:`ftwt_cli.algorithms.codebook`), and at the end re-sizes them instead of recalibrating; with
+``--bn-reestimate`` the final masks' BN statistics replace the trained ones.
 """
 
 from __future__ import annotations
 
 import functools
 
+from ftwt_cli.algorithms.bn_stats import reestimate_batchnorm
 from ftwt_cli.algorithms.calibration import Calibration, CalibrationError, before_and_after, calibrate
+from ftwt_cli.algorithms.codebook import CodebookError, CodebookFit, fit_codebook
 from ftwt_cli.algorithms.evaluation import validate
 from ftwt_cli.errors import BadInput
 from ftwt_cli.io import checkpoint as ckpt
@@ -44,6 +49,8 @@ class BudgetPolicy(Hook):
             # fine-tunes under the masks it will be delivered with (calibrating only at the end would
             # change the masks of a backbone that never saw them).
             calibrate_held_out(run, f"epoch {epoch + 1}, heads frozen")
+            if run.spec.config.codebook:
+                fit_codebook_held_out(run, f"epoch {epoch + 1}")
 
     def eligible(self, run, epoch: int) -> bool:
         freeze = run.spec.freeze_epoch
@@ -53,13 +60,35 @@ class BudgetPolicy(Hook):
         run.calibration = calibrate_best(run)
 
 
+def held_out_images(run):
+    """The held-out training images budgets are fitted on (the training split when none are held out)."""
+    if run.val_loader is not None:
+        return run.val_loader
+    cfg = run.spec.config
+    run.log("[yellow]warning:[/yellow] --val-fraction 0: calibrating on training images (none are held out)")
+    return make_loader(loading.dataset(cfg, "train"), cfg.batch_size, workers=cfg.workers)
+
+
+def fit_codebook_held_out(run, when: str) -> CodebookFit:
+    """--codebook K: prototype masks per layer fitted (or, with a codebook in place, re-sized) on the
+    held-out images so the measured FLOPs reduction is the budget; recorded in every later checkpoint."""
+    cfg = run.spec.config
+    try:
+        fit = fit_codebook(run.model, held_out_images(run), run.device, cfg.codebook, run.spec.target_flops, seed=cfg.seed, show=run.show)
+    except CodebookError as exc:
+        raise BadInput(str(exc)) from None
+    run.dist.sync_buffers(run.model)  # every rank routes among rank 0's prototypes
+    run.meta["codebook_sizes"] = fit.sizes
+    run.log(
+        f"codebook ({when}): {min(fit.sizes)}–{max(fit.sizes)} prototypes per layer (K = {fit.k}), "
+        f"τ = {fit.tau:.4f} → {fit.reached_pct:.2f}% FLOPs ↓ on {fit.images} held-out images"
+    )
+    return fit
+
+
 def calibrate_held_out(run, when: str) -> Calibration:
     """Calibrate the heads to --target-flops on the held-out training images (never the test split)."""
-    cfg = run.spec.config
-    images = run.val_loader
-    if images is None:
-        run.log("[yellow]warning:[/yellow] --val-fraction 0: calibrating on training images (none are held out)")
-        images = make_loader(loading.dataset(cfg, "train"), cfg.batch_size, workers=cfg.workers)
+    images = held_out_images(run)
     try:
         result = calibrate(run.model, images, run.device, run.spec.target_flops, show=run.show)
     except CalibrationError as exc:
@@ -72,6 +101,19 @@ def calibrate_held_out(run, when: str) -> Calibration:
     return result
 
 
+def deliver(run) -> Calibration | CodebookFit:
+    """The last correction before best.pt ships: re-size its codebook, or recalibrate its heads; then,
+    with --bn-reestimate, the BN statistics of those final masks."""
+    cfg = run.spec.config
+    result = fit_codebook_held_out(run, "best.pt") if cfg.codebook else calibrate_held_out(run, "best.pt")
+    if cfg.bn_reestimate:
+        train_images = make_loader(loading.training_splits(cfg, augment=False)[0], cfg.batch_size, workers=cfg.workers)
+        seen = reestimate_batchnorm(run.model, train_images, run.device, show=run.show)
+        run.dist.sync_buffers(run.model)
+        run.log(f"BN statistics re-estimated under the final masks on {seen} training images")
+    return result
+
+
 def calibrate_best(run) -> dict:
     """Recalibrate best.pt's heads to the budget on held-out training images, report the test split for
     the raw heads (no offsets), as trained, and calibrated, and save the calibrated best.pt (last.pt
@@ -81,9 +123,7 @@ def calibrate_best(run) -> dict:
         ckpt.load_weights(run.model, state, run.run_dir / BEST_FILE, "best.pt")
     broadcast_model(run.model, run.dist)  # every rank needs best.pt
     test = functools.partial(validate, run.model, run.test_loader, run.device, run.target, run.all_sum, run.show)
-    record, raw_stats, stats = before_and_after(
-        run.model, lambda label: test(label=label), lambda: calibrate_held_out(run, "best.pt")
-    )
+    record, raw_stats, stats = before_and_after(run.model, lambda label: test(label=label), lambda: deliver(run))
     record |= {
         "split": "val" if run.val_loader is not None else "train",
         "calibrated_at_freeze": run.spec.freeze_epoch < run.spec.epochs,

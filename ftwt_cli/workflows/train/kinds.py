@@ -43,7 +43,7 @@ from ftwt_cli.io import loading
 from ftwt_cli.io.config import Config, check_target_flops
 from ftwt_cli.io.data import make_loader
 from ftwt_cli.workflows.train.hooks import BudgetPolicy, Hook
-from ftwt_cli.workflows.train.objectives import CrossEntropyObjective, MaskObjective
+from ftwt_cli.workflows.train.objectives import CrossEntropyObjective, Distillation, MaskObjective
 from ftwt_cli.workflows.train.processes import Distributed
 from ftwt_cli.workflows.train.spec import RunSpec
 
@@ -81,7 +81,7 @@ class RunKind:
         return Built(loaded.model, dict(loaded.meta))
 
     def objective(self, spec: RunSpec, built: Built) -> CrossEntropyObjective:
-        return CrossEntropyObjective(spec)
+        return CrossEntropyObjective(spec, distillation(spec, built))
 
     def hooks(self, spec: RunSpec) -> list[Hook]:
         return []
@@ -94,6 +94,10 @@ RUN_KINDS: Registry[type[RunKind]] = Registry("run kind")
 @RUN_KINDS.register("dense")
 class Dense(RunKind):
     """The plain backbone with the profile's dense recipe: the baseline every other kind starts from."""
+
+    def check(self, spec: RunSpec) -> None:
+        if spec.config.distill > 0:
+            raise BadInput("--distill learns from the dense model a run starts from; a dense run has none")
 
 
 @RUN_KINDS.register("ftwt")
@@ -146,10 +150,12 @@ class FTWT(RunKind):
         meta = loading.ftwt_meta(cfg, loaded.meta["num_classes"], cfg.r)
         if spec.estimate is not None:
             meta["estimate"] = spec.estimate
+        if any(model.codebook_sizes()):  # resumed after the codebook was fitted
+            meta["codebook_sizes"] = model.codebook_sizes()
         return Built(model, meta, target)
 
     def objective(self, spec: RunSpec, built: Built) -> MaskObjective:
-        return MaskObjective(spec, built.target)
+        return MaskObjective(spec, built.target, distillation(spec, built))
 
     def hooks(self, spec: RunSpec) -> list[Hook]:
         return [BudgetPolicy()] if spec.target_flops is not None and spec.config.calibrate else []
@@ -201,7 +207,7 @@ class Static(RunKind):
             "steps": result.steps,
             "left_whole": result.whole,
         }
-        meta = {**loaded.meta, **result.meta(), "init": record["init"]}
+        meta = {**loaded.meta, **result.meta(), "init": record["init"], **loading.distill_meta(cfg)}
         if method == "signature":
             meta["signature_source"] = record.get("signature_source")
         console.print(
@@ -211,6 +217,17 @@ class Static(RunKind):
             highlight=False,
         )
         return loading.LoadedModel(result.model.train(), meta, None)
+
+
+def distillation(spec: RunSpec, built: Built) -> Distillation | None:
+    """``--distill T``: soft targets from the dense model the run starts from (frozen, eval mode)."""
+    cfg = spec.config
+    if cfg.distill <= 0:
+        return None
+    teacher = loading.load_model(cfg, spec.init, require="dense").model
+    device = next(built.model.parameters()).device
+    teacher = teacher.to(device).eval().requires_grad_(False)
+    return Distillation(teacher, cfg.distill, cfg.distill_weight)
 
 
 def check(spec: RunSpec) -> RunKind:

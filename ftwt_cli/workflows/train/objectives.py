@@ -29,17 +29,38 @@ class NonFiniteLoss(RuntimeError):
 
 
 @dataclass
+class Distillation:
+    """Soft targets from a frozen teacher (the dense model a run starts from): the task loss becomes
+    (1 − w)·CE + w·T²·KL(teacher_T ‖ student_T), softmaxes at temperature T (Hinton et al., 2015)."""
+
+    teacher: nn.Module
+    temperature: float
+    weight: float
+
+    def __call__(self, cross_entropy: torch.Tensor, logits: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            soft = (self.teacher(images) / self.temperature).log_softmax(dim=1)
+        kl = F.kl_div((logits / self.temperature).log_softmax(dim=1), soft, reduction="batchmean", log_target=True)
+        return (1.0 - self.weight) * cross_entropy + self.weight * self.temperature**2 * kl
+
+
+@dataclass
 class Loss:
-    """One step's loss: cross-entropy, plus the heads' loss towards ``target`` for FTWT models."""
+    """One step's loss: cross-entropy (distilled from a teacher when given), plus the heads' loss
+    towards ``target`` for FTWT models."""
 
     target: Target | Sequence[Target] | None = None
     head_weight: float = 1.0
+    distillation: Distillation | None = None
 
     def __call__(
-        self, model: nn.Module, logits: torch.Tensor, labels: torch.Tensor
+        self, model: nn.Module, logits: torch.Tensor, labels: torch.Tensor, images: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor] | None]:
-        """(task loss, head loss, ground-truth masks per block or None for a dense model)."""
+        """(task loss, head loss, ground-truth masks per block or None for a dense model); ``images`` are
+        what the teacher sees (the same batch)."""
         task = F.cross_entropy(logits, labels)
+        if self.distillation is not None:
+            task = self.distillation(task, logits, images)
         if self.target is None:
             return task, torch.zeros((), device=logits.device), None
         records = model.records()
@@ -52,8 +73,9 @@ class CrossEntropyObjective:
 
     gated = False
 
-    def __init__(self, spec: RunSpec) -> None:
+    def __init__(self, spec: RunSpec, distillation: Distillation | None = None) -> None:
         self.spec = spec
+        self.distillation = distillation
 
     def optimizers(self, model: nn.Module) -> dict[str, torch.optim.SGD]:
         cfg = self.spec.config
@@ -64,7 +86,7 @@ class CrossEntropyObjective:
 
     def begin_epoch(self, model: nn.Module, epoch: int) -> Loss:
         """Set the model up for ``epoch`` (after ``net.train()``) and return the epoch's step loss."""
-        return Loss()
+        return Loss(distillation=self.distillation)
 
     def stepping(self, optimizers: dict[str, torch.optim.Optimizer], epoch: int) -> list[torch.optim.Optimizer]:
         """The optimizers that step in ``epoch``."""
@@ -76,8 +98,8 @@ class MaskObjective(CrossEntropyObjective):
 
     gated = True
 
-    def __init__(self, spec: RunSpec, target: Target | Sequence[Target]) -> None:
-        super().__init__(spec)
+    def __init__(self, spec: RunSpec, target: Target | Sequence[Target], distillation: Distillation | None = None) -> None:
+        super().__init__(spec, distillation)
         self.target = target
 
     def optimizers(self, model: FTWTModel) -> dict[str, torch.optim.SGD]:
@@ -99,7 +121,7 @@ class MaskObjective(CrossEntropyObjective):
         if frozen:
             for head in model.heads():
                 head.eval()  # frozen heads keep their norm statistics, so their calibrated thresholds hold
-        return Loss(self.target, head_weight=0.0 if frozen else 1.0)
+        return Loss(self.target, head_weight=0.0 if frozen else 1.0, distillation=self.distillation)
 
     def stepping(self, optimizers: dict[str, torch.optim.Optimizer], epoch: int) -> list[torch.optim.Optimizer]:
         frozen = self.heads_frozen(epoch)
@@ -132,7 +154,7 @@ def train_step(
     accumulates the step's masks against the ground truth (the training split's per-layer figures).
     """
     logits = net(images)
-    task, heads, truth = loss(model, logits, labels)
+    task, heads, truth = loss(model, logits, labels, images)
     total = task + loss.head_weight * heads
     if stats is not None and truth is not None:
         records = model.records()

@@ -114,8 +114,9 @@ class RunSpec:
         if "kind" not in doc and kind == "static":
             # Static runs from before run kinds trained with the dynamic recipe copied into the dense fields.
             config |= {"epochs": config["dense_epochs"], "lr": config["dense_lr"], "milestones": config["dense_milestones"]}
+        init = doc.get("init") or (doc.get("static") or {}).get("init")  # static runs kept it in their record
         return cls(
-            Config(**config), kind, doc.get("init"), doc.get("target_flops"), doc.get("estimate"), doc.get("static"),
+            Config(**config), kind, init, doc.get("target_flops"), doc.get("estimate"), doc.get("static"),
             doc.get("signature"),
         )  # fmt: skip
 
