@@ -1,27 +1,33 @@
-"""Does FTWT win? Dense, FTWT and the static baselines side by side at one FLOPs budget (paper Tables 1 and 6).
+"""Does FTWT win? Dense, FTWT, its variants and the static baselines side by side at one FLOPs budget.
 
 Everything runs through the real CLI (``python -m ftwt_cli train/eval``, this tree's code), one
 subprocess per run, on real CIFAR-10 images (cifar10-mini) with ResNet20:
 
 1. ``dense``: trained once with the dense recipe and cached under ``--checkpoint-dir``;
-2. from it, at ``--target-flops P`` and the same fine-tuning epochs each:
-   ``ftwt`` (decoupled FTWT, r searched for P), ``static-uniform`` and ``static-taylor``
-   (torch-pruning), ``signature-dynamic`` (the Taylor baseline's per-layer counts, routed per sample)
-   and ``signature-static`` (the same counts, one fixed filter set);
-3. one ``ftwt eval --compare`` over every run's ``best.pt`` (chosen on held-out training images, never
-   on the test split; for FTWT the budget-calibrated model): top-1, FLOPs reduction measured against
-   the dense model, Brier score clean, at blur σ and noise σ.
+2. from it, at ``--target-flops P`` and the same fine-tuning epochs each, every method of ``--methods``
+   (see ``METHODS``: ``ftwt``, static baselines, signatures, and FTWT variants such as ``ftwt-kd`` or
+   ``ftwt-codebook-4``), once per seed of ``--seeds``;
+3. per seed, one ``ftwt eval --compare`` over every run's ``best.pt`` (chosen on held-out training
+   images, never on the test split): top-1, FLOPs reduction measured against the dense model, Brier score
+   clean, at blur σ and noise σ.
 
-    python benchmarks/compare.py [--quick] [--json] [--model resnet20] [--target-flops 50]
+Protocols: ``--quick`` (dense 10 epochs, 3 fine-tuning epochs) and ``--full`` (dense 40 epochs, 15
+fine-tuning epochs, seeds 0,1,2 for ``ftwt`` and ``static-uniform`` unless ``--methods`` says more).
+With several seeds each row holds seed means (``top1_seeds``: each seed's top-1) and ``paired`` holds,
+per method, its top-1 minus static uniform's seed by seed, the mean and a 95 % t interval.
 
-``--json`` prints ``{"rows": [{"method", "flops_reduction_pct", "top1", ...}], ...}``.
+    python benchmarks/compare.py [--quick | --full] [--json] [--methods ftwt,static-uniform,ftwt-kd] [--seeds 0,1,2]
+
+``--json`` prints ``{"rows": [{"method", "flops_reduction_pct", "top1", ...}], "paired": {...}, ...}``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -29,27 +35,52 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this tree's ftwt_cli, not an installed one
 
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
 from _common import CIFAR10_MINI  # noqa: E402 - benchmarks/ is on sys.path when run as a script
-from rich.console import Console
-from rich.table import Table
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("ftwt", "static-uniform", "static-taylor", "signature-dynamic", "signature-static")
+#: The methods measured when --methods is not given (each a row of the paper's Tables 1 and 6).
+DEFAULT_METHODS = ("ftwt", "static-uniform", "static-taylor", "signature-dynamic", "signature-static")
 #: The paper's claim this benchmark checks: FTWT top-1 at least this many points above static uniform.
 GOAL_POINTS = 2.0
+BASELINE = "static-uniform"
+#: 97.5 % quantiles of Student's t for 1..9 degrees of freedom (95 % two-sided intervals).
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262)
 
 console = Console(stderr=True)
 
 
 def method_args(method: str, target: float) -> list[str]:
-    p = f"{target:g}"
-    return {
-        "ftwt": ["--target-flops", p],
-        "static-uniform": ["--static", "uniform", "--target-flops", p],
-        "static-taylor": ["--static", "taylor", "--target-flops", p],
-        "signature-dynamic": ["--signature", "taylor", "--target-flops", p],
-        "signature-static": ["--signature", "taylor", "--static-signature", "--target-flops", p],
-    }[method]
+    """The ``ftwt train`` options of a method; FTWT variants are ``ftwt-<variant>``."""
+    p = ["--target-flops", f"{target:g}"]
+    fixed = {
+        "ftwt": p,
+        "static-uniform": ["--static", "uniform", *p],
+        "static-taylor": ["--static", "taylor", *p],
+        "signature-dynamic": ["--signature", "taylor", *p],
+        "signature-static": ["--signature", "taylor", "--static-signature", *p],
+        "static-uniform-kd": ["--static", "uniform", *p, "--distill", "4"],
+        # one difference from `ftwt` each (where the points go)
+        "ftwt-internal": [*p, "--gate", "internal"],
+        "ftwt-early": [*p, "--head-warmup", "1", "--freeze-heads-after", "0"],  # heads trained first, then fixed
+        "ftwt-joint": [*p, "--mode", "joint"],
+        "ftwt-avgpool": [*p, "--head-pool", "avg"],
+        "ftwt-nosoftmax": [*p, "--no-head-softmax"],
+        "ftwt-norm": [*p, "--head-norm"],
+        "ftwt-bn": [*p, "--bn-reestimate"],
+        "ftwt-kd": [*p, "--distill", "4"],
+    }
+    if method in fixed:
+        return fixed[method]
+    prefix, _, rest = method.partition("-codebook-")
+    if rest.isdigit() and prefix.startswith("ftwt"):  # ftwt-codebook-K, ftwt-early-codebook-K, ...
+        return [*method_args(prefix, target), "--codebook", rest]
+    if method.startswith("ftwt-") and "+" in method:  # combinations: ftwt-early+kd
+        parts = method[len("ftwt-"):].split("+")
+        return [a for i, part in enumerate(parts) for a in (method_args(f"ftwt-{part}", target)[2 * (i > 0):])]
+    raise SystemExit(f"unknown method {method!r}; known: {', '.join(fixed)}, ftwt-codebook-K, ftwt-A+B")
 
 
 def ftwt(*args: str) -> dict:
@@ -71,41 +102,49 @@ def finished(run_dir: Path, epochs: int) -> bool:
     return last.is_file() and load_checkpoint(last)["meta"].get("epoch") == epochs
 
 
+def paired(rows_by_seed: dict[int, dict[str, dict]], method: str) -> dict | None:
+    """``method``'s top-1 minus static uniform's, seed by seed: mean, spread and a 95 % t interval."""
+    diffs = [rows[method]["top1"] - rows[BASELINE]["top1"] for rows in rows_by_seed.values() if method in rows and BASELINE in rows]
+    if not diffs:
+        return None
+    mean = statistics.fmean(diffs)
+    if len(diffs) < 2:
+        return {"vs": BASELINE, "diffs": diffs, "mean": mean, "ci95": None}
+    half = T975[min(len(diffs) - 1, len(T975)) - 1] * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return {"vs": BASELINE, "diffs": diffs, "mean": mean, "std": statistics.stdev(diffs), "ci95": [mean - half, mean + half]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="minutes: dense 10 epochs, 3 fine-tuning epochs each")
+    protocol = parser.add_mutually_exclusive_group()
+    protocol.add_argument("--quick", action="store_true", help="minutes: dense 10 epochs, 3 fine-tuning epochs each")
+    protocol.add_argument("--full", action="store_true", help="dense 40 epochs, 15 fine-tuning epochs, seeds 0,1,2")
     parser.add_argument("--json", action="store_true", help="one JSON document on stdout")
-    parser.add_argument(
-        "--profile", default="quickstart", help="recipe fields the options below do not set (momentum, wd, head lr)"
-    )
+    parser.add_argument("--profile", default="quickstart", help="recipe fields the options below do not set (momentum, wd, head lr)")
     parser.add_argument("--model", default="resnet20")
     parser.add_argument("--data", default=f"imagefolder:{CIFAR10_MINI}")
     parser.add_argument("--target-flops", type=float, default=50.0)
     parser.add_argument("--dense-epochs", type=int, help="default: 10 quick, 40 full")
     parser.add_argument("--epochs", type=int, help="fine-tuning epochs of every method (default: 3 quick, 15 full)")
-    parser.add_argument(
-        "--samples", type=int, default=0, help="cap on training images of the fine-tuning runs (0: all)"
-    )
+    parser.add_argument("--samples", type=int, default=0, help="cap on training images of the fine-tuning runs (0: all)")
     parser.add_argument("--blur-sigma", type=float, default=0.9)
     parser.add_argument("--noise-sigma", type=float, default=0.11)
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma list, subset of " + ",".join(METHODS))
-    parser.add_argument(
-        "--checkpoint-dir", default=str(REPO / "runs" / "compare"), help="run directories; the dense one is reused"
-    )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--methods", help=f"comma list (default: {','.join(DEFAULT_METHODS)}; --full: ftwt,{BASELINE})")
+    parser.add_argument("--seeds", help="comma list of fine-tuning seeds (default: 0; --full: 0,1,2)")
+    parser.add_argument("--checkpoint-dir", default=str(REPO / "runs" / "compare"), help="run directories; the dense one is reused")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the dense model")
     args = parser.parse_args()
 
     data_dir = args.data.partition(":")[2]
     if args.data.startswith("imagefolder:") and not Path(data_dir).is_dir():
         raise SystemExit(f"no images at {data_dir} (set FTWT_CIFAR10_MINI or pass --data)")
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise SystemExit(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
-    dense_epochs = args.dense_epochs or (10 if args.quick else 40)
-    epochs = args.epochs or (3 if args.quick else 15)
-    common = ["--profile", args.profile, "--model", args.model, "--data", args.data, "--seed", str(args.seed)]
-    common += ["--workers", "0"]
+    methods = [m.strip() for m in (args.methods or ",".join(("ftwt", BASELINE) if args.full else DEFAULT_METHODS)).split(",") if m.strip()]
+    for method in methods:
+        method_args(method, args.target_flops)  # unknown names stop here, before anything trains
+    seeds = [int(s) for s in (args.seeds or ("0,1,2" if args.full else "0")).split(",")]
+    dense_epochs = args.dense_epochs or (40 if args.full else 10)
+    epochs = args.epochs or (15 if args.full else 3)
+    base = ["--profile", args.profile, "--model", args.model, "--data", args.data, "--workers", "0"]
     root = Path(args.checkpoint_dir) / f"{args.model}-d{dense_epochs}-s{args.seed}"
     started = time.perf_counter()
 
@@ -117,39 +156,39 @@ def main() -> None:
         console.print(f"[bold]dense[/bold]: {dense_epochs} epochs → {dense_dir}")
         milestones = f"{max(1, dense_epochs // 2)},{max(1, dense_epochs * 3 // 4)}"
         recipe = ["--epochs", str(dense_epochs), "--lr", "0.1", "--milestones", milestones]
-        ftwt("train", *common, "--dense", *recipe, "--out", str(dense_dir))
+        ftwt("train", *base, "--seed", str(args.seed), "--dense", *recipe, "--out", str(dense_dir))
     else:
         console.print(f"dense: reusing {dense_ckpt}")
 
     tag = f"p{args.target_flops:g}-e{epochs}" + (f"-n{args.samples}" if args.samples else "")
-    checkpoints: dict[str, Path] = {}
     train_summaries: dict[str, dict] = {}
-    for method in methods:
-        run_dir = root / f"{method}-{tag}"
-        if not finished(run_dir, epochs):
-            if run_dir.exists():
-                raise SystemExit(f"{run_dir} holds an unfinished run; remove it or finish it ('ftwt train --resume')")
-            console.print(f"[bold]{method}[/bold]: {epochs} epochs → {run_dir}")
-            train_summaries[method] = ftwt(
-                "train", *common, *method_args(method, args.target_flops), "--init", str(dense_ckpt),
-                "--epochs", str(epochs), "--milestones", str(max(1, epochs * 3 // 4)),
-                *(["--samples", str(args.samples)] if args.samples else []), "--out", str(run_dir),
-            )  # fmt: skip
-        checkpoints[method] = run_dir / "best.pt"
-
-    console.print("[bold]eval[/bold]: every model on the test split, clean and perturbed")
-    compare = [a for m in methods for a in ("--compare", str(checkpoints[m]))]
-    report = ftwt(
-        "eval", *common, "--checkpoint", str(dense_ckpt), *compare,
-        "--blur-sigmas", f"{args.blur_sigma:g}", "--noise-sigmas", f"{args.noise_sigma:g}",
-    )  # fmt: skip
-    rows = []
-    for method, model in zip(["dense", *methods], report["models"]):
-        brier = {(p["perturbation"], p["sigma"]): p for p in model.get("brier", [])}
-        blur = brier.get(("blur", args.blur_sigma), {})
-        noise = brier.get(("noise", args.noise_sigma), {})
-        rows.append(
-            {
+    rows_by_seed: dict[int, dict[str, dict]] = {}
+    for seed in seeds:
+        checkpoints: dict[str, Path] = {}
+        for method in methods:
+            run_dir = root / f"{method}-{tag}" if seed == args.seed else root / f"{method}-{tag}-seed{seed}"
+            if not finished(run_dir, epochs):
+                if run_dir.exists():
+                    raise SystemExit(f"{run_dir} holds an unfinished run; remove it or finish it ('ftwt train --resume')")
+                console.print(f"[bold]{method}[/bold] (seed {seed}): {epochs} epochs → {run_dir}")
+                train_summaries[f"{method}@{seed}"] = ftwt(
+                    "train", *base, "--seed", str(seed), *method_args(method, args.target_flops), "--init", str(dense_ckpt),
+                    "--epochs", str(epochs), "--milestones", str(max(1, epochs * 3 // 4)),
+                    *(["--samples", str(args.samples)] if args.samples else []), "--out", str(run_dir),
+                )  # fmt: skip
+            checkpoints[method] = run_dir / "best.pt"
+        console.print(f"[bold]eval[/bold] (seed {seed}): every model on the test split, clean and perturbed")
+        compare = [a for m in methods for a in ("--compare", str(checkpoints[m]))]
+        report = ftwt(
+            "eval", *base, "--seed", str(args.seed), "--checkpoint", str(dense_ckpt), *compare,
+            "--blur-sigmas", f"{args.blur_sigma:g}", "--noise-sigmas", f"{args.noise_sigma:g}",
+        )  # fmt: skip
+        rows_by_seed[seed] = {}
+        for method, model in zip(["dense", *methods], report["models"]):
+            brier = {(p["perturbation"], p["sigma"]): p for p in model.get("brier", [])}
+            blur = brier.get(("blur", args.blur_sigma), {})
+            noise = brier.get(("noise", args.noise_sigma), {})
+            rows_by_seed[seed][method] = {
                 "method": method,
                 "label": model["label"],
                 "flops_reduction_pct": model["flops_reduction_pct"],
@@ -160,14 +199,27 @@ def main() -> None:
                 f"top1_blur_{args.blur_sigma:g}": blur.get("top1"),
                 f"brier_noise_{args.noise_sigma:g}": noise.get("brier"),
                 f"top1_noise_{args.noise_sigma:g}": noise.get("top1"),
+                "distinct_masks": [layer["clusters"] for layer in model["layers"]],
                 "checkpoint": str(dense_ckpt if method == "dense" else checkpoints[method]),
             }
-        )
+
+    rows = []
+    for method in ["dense", *methods]:
+        per_seed = [rows_by_seed[s][method] for s in seeds]
+        row = dict(per_seed[0])
+        for key, value in per_seed[0].items():
+            if isinstance(value, float) and all(isinstance(r[key], float) for r in per_seed):
+                row[key] = statistics.fmean(r[key] for r in per_seed)
+        row["top1_seeds"] = [r["top1"] for r in per_seed]
+        row["top1_std"] = statistics.stdev(row["top1_seeds"]) if len(per_seed) > 1 else None
+        row["seeds"] = seeds
+        rows.append(row)
+    comparisons = {m: paired(rows_by_seed, m) for m in methods if m != BASELINE}
     by_method = {r["method"]: r for r in rows}
     verdict = None
-    if "ftwt" in by_method and "static-uniform" in by_method:
-        gap = by_method["ftwt"]["top1"] - by_method["static-uniform"]["top1"]
-        flops_gap = by_method["ftwt"]["flops_reduction_pct"] - by_method["static-uniform"]["flops_reduction_pct"]
+    if "ftwt" in by_method and BASELINE in by_method:
+        gap = by_method["ftwt"]["top1"] - by_method[BASELINE]["top1"]
+        flops_gap = by_method["ftwt"]["flops_reduction_pct"] - by_method[BASELINE]["flops_reduction_pct"]
         verdict = {
             "ftwt_minus_static_uniform_top1": gap,
             "ftwt_minus_static_uniform_flops_reduction": flops_gap,
@@ -176,14 +228,15 @@ def main() -> None:
         }
 
     title = f"{args.model} on {Path(data_dir).name or args.data}: dense {dense_epochs} epochs, methods {epochs} epochs"
-    columns = ["FLOPs ↓ %", "top-1 %", "Brier clean"]
-    columns += [f"Brier blur {args.blur_sigma:g}", f"Brier noise {args.noise_sigma:g}"]
-    table = Table("method", *columns, title=f"{title}, target {args.target_flops:g}%")
+    columns = ["FLOPs ↓ %", "top-1 %", "± (seeds)", f"Δ vs {BASELINE} [95 %]", "Brier clean", f"Brier blur {args.blur_sigma:g}"]
+    table = Table("method", *columns, title=f"{title}, target {args.target_flops:g}%, seeds {','.join(map(str, seeds))}")
     fmt = lambda v: "–" if v is None else f"{v:.4f}"  # noqa: E731
     for r in rows:
+        pair = comparisons.get(r["method"])
+        delta = "–" if not pair else f"{pair['mean']:+.2f}" + (f" [{pair['ci95'][0]:+.2f}, {pair['ci95'][1]:+.2f}]" if pair["ci95"] else "")
         table.add_row(
-            r["method"], f"{r['flops_reduction_pct']:.2f}", f"{r['top1']:.2f}", fmt(r["brier_clean"]),
-            fmt(r[f"brier_blur_{args.blur_sigma:g}"]), fmt(r[f"brier_noise_{args.noise_sigma:g}"]),
+            r["method"], f"{r['flops_reduction_pct']:.2f}", f"{r['top1']:.2f}", "–" if r["top1_std"] is None else f"{r['top1_std']:.2f}",
+            delta, fmt(r["brier_clean"]), fmt(r[f"brier_blur_{args.blur_sigma:g}"]),
         )  # fmt: skip
     console.print(table)
     if verdict:
@@ -200,10 +253,14 @@ def main() -> None:
             "dense_epochs": dense_epochs,
             "epochs": epochs,
             "samples": args.samples,
+            "seeds": seeds,
             "rows": rows,
+            "paired": comparisons,
+            "per_seed": {str(s): list(r.values()) for s, r in rows_by_seed.items()},
             "verdict": verdict,
             "train": train_summaries,
             "wall_s": time.perf_counter() - started,
+            "load_average": os.getloadavg(),
         }
         print(json.dumps(document, indent=2))
 
