@@ -141,3 +141,12 @@ def test_bn_statistics_are_recomputed_under_the_masks_and_heads_keep_theirs():
     torch.testing.assert_close(first.bn.running_mean, expected, rtol=1e-4, atol=1e-5)
     assert all(torch.equal(a, h.norm.running_mean) for a, h in zip(head_stats, model.heads()))
     assert all(m.momentum == 0.1 for m in norms) and not model.training
+
+
+def test_ftwt_calibrate_resizes_a_codebook_checkpoint(cli, dense, tmp_path):
+    run = tmp_path / "k2"
+    cli("train", "--profile", "smoke", "--init", dense, "--target-flops", "40", "--epochs", "2", "--codebook", "2", "--out", run)
+    before = load_checkpoint(run / "best.pt")["meta"]["codebook_sizes"]
+    record = cli("calibrate", run / "best.pt", "--profile", "smoke", "--target-flops", "30", "--out", tmp_path / "k2-30.pt")
+    assert record["refit"] and abs(record["reached_pct"] - 30) < abs(record["raw_pct"] - 30)
+    assert load_checkpoint(tmp_path / "k2-30.pt")["meta"]["codebook_sizes"] == before  # the same groups, re-sized

@@ -42,6 +42,7 @@ class CodebookFit:
     tau: float  # the share of its members that must keep a channel for the prototype to keep it
     target_pct: float
     reached_pct: float  # measured on the fitting images (heads included)
+    raw_pct: float  # the same before this fit (the model's own masks or codebook)
     images: int
     steps: int
     converged: bool
@@ -122,13 +123,14 @@ def fit_codebook(
         raise CodebookError("fitting a codebook needs at least one image")
     refit = all(block.codebook is not None for block in model.blocks)
     model.eval().configure(mask_source="predicted", record=True)
+    counter = FlopsCounter(model.graph)
+    raw = _measure(model, batches, counter, device)
     decisions = _decisions(model, batches, device)
     frequencies = []  # per layer: [groups, C] share of each group's images keeping each channel
     for b, (masks, selected) in enumerate(decisions):
         groups = selected if refit else kmodes(masks, k, seed=seed + b)
         present = torch.unique(groups)
         frequencies.append(torch.stack([masks[groups == j].float().mean(0) for j in present]))
-    counter = FlopsCounter(model.graph)
 
     def prototypes(tau: float) -> list[torch.Tensor]:
         out = []
@@ -155,6 +157,6 @@ def fit_codebook(
             else:
                 low = tau
     return CodebookFit(
-        k=k, sizes=model.codebook_sizes(), tau=tau, target_pct=target_pct, reached_pct=reached,
+        k=k, sizes=model.codebook_sizes(), tau=tau, target_pct=target_pct, reached_pct=reached, raw_pct=raw,
         images=sum(b.shape[0] for b in batches), steps=steps, converged=converged, refit=refit,
     )  # fmt: skip

@@ -60,8 +60,10 @@ def calibrate_command(
     for label, flops, top1 in calibration_figures(record, given="as given"):
         table.add_row(f"test, {label}", f"{flops:.2f}%", f"{top1:.2f}%")
     console.print(table)
-    console.print(
-        f"target {record['target_pct']:g}% (heads included): per-layer keep rates of the ground truth at r' = {record['ratio']:.4f}"
-    )
+    how = (
+        f"prototypes keep the channels ≥ {record['tau']:.4f} of their images keep" if "tau" in record
+        else f"per-layer keep rates of the ground truth at r' = {record['ratio']:.4f}"
+    )  # fmt: skip
+    console.print(f"target {record['target_pct']:g}% (heads included): {how}")
     if json_out:
         emit_json(record)

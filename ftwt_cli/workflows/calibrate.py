@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from ftwt_cli.algorithms.calibration import Calibration, CalibrationError, before_and_after, calibrate
+from ftwt_cli.algorithms.codebook import CodebookError, CodebookFit, fit_codebook
 from ftwt_cli.algorithms.evaluation import validate
 from ftwt_cli.console import progress_bar
 from ftwt_cli.errors import BadInput
@@ -49,10 +50,14 @@ def calibrate_checkpoint(cfg: Config, checkpoint: str, target_pct: float, out: s
     test_loader = make_loader(loading.dataset(cfg, "test"), cfg.batch_size, workers=cfg.workers)
     held_loader = make_loader(held, cfg.batch_size, workers=cfg.workers)
 
-    def run() -> Calibration:
+    sizes = model.codebook_sizes()
+
+    def run() -> Calibration | CodebookFit:
         try:
+            if any(sizes):  # a codebook model: re-size its prototypes (its groups kept) instead
+                return fit_codebook(model, held_loader, device, int(meta.get("codebook") or max(sizes)), target_pct, show=show)
             return calibrate(model, held_loader, device, target_pct, show=show)
-        except CalibrationError as exc:
+        except (CalibrationError, CodebookError) as exc:
             raise BadInput(str(exc)) from None
 
     record, _, _ = before_and_after(model, lambda label: validate(model, test_loader, device, target, show=show, label=label), run)
