@@ -26,13 +26,16 @@ def test_table_from_saved_documents_marks_goals(run_all, tmp_path):
         {"model": "vgg16_bn", "ratio": 1.03}, {"model": "resnet56", "ratio": 1.30}]}))
     (saved / "compare.json").write_text(json.dumps({"rows": [
         {"method": "ftwt", "flops_reduction_pct": 50.1, "top1": 60.0},
-        {"method": "static-uniform", "flops_reduction_pct": 50.0, "top1": 57.0}]}))
+        {"method": "static-uniform", "flops_reduction_pct": 50.0, "top1": 57.0}],
+        "paired": {"ftwt": {"mean": 3.0, "ci95": [-0.5, 6.5]}, "ftwt-kd": {"mean": 2.5, "ci95": [0.5, 4.5]}}}))
     table = tmp_path / "results.md"
     assert run_all.main(["--from", str(saved), "--table", str(table), "--note", "test"]) == 0
     text = table.read_text()
     assert "| train_overhead | FTWT training step ÷ dense step, vgg16_bn | ≤ 1.15 | 1.03 | yes |" in text
     assert "| train_overhead | FTWT training step ÷ dense step, resnet56 | ≤ 1.15 | 1.30 | **no** |" in text
-    assert "| compare | FTWT − static uniform, top-1 at equal FLOPs | ≥ +2 points | +3.0 points | yes |" in text
+    assert "| compare | default FTWT − static uniform, top-1 at equal FLOPs | ≥ −1 point | +3.0 points | yes |" in text
+    # the best variant by its mean, met only when its paired interval excludes zero
+    assert "| best FTWT variant − static uniform (paired, 95 % interval) | ≥ +2 points, interval > 0 | ftwt: +3.0 points [-0.5, +6.5] | **no** |" in text
     assert "budget" not in text.split("| --- |")[-1]  # benchmarks without a saved document are left out
 
 
