@@ -3,7 +3,6 @@ epoch line, and the calibration record as a few labelled figures (one rendering 
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -79,7 +78,3 @@ def calibration_line(record: dict) -> str:
     return "best.pt on the test split (FLOPs ↓ / top-1): " + ", ".join(
         f"{label} {flops:.2f}% / {top1:.2f}%" for label, flops, top1 in calibration_figures(record)
     )
-
-
-def finite_or_nan(value: float | None) -> float:
-    return math.nan if value is None else value
