@@ -12,6 +12,7 @@ from typing import Annotated, Any, Callable, Optional
 import typer
 
 from ftwt_cli.console import console
+from ftwt_cli.core.graph import UnsupportedModel
 from ftwt_cli.errors import BadInput
 from ftwt_cli.io import config as config_mod
 
@@ -72,7 +73,7 @@ def handle_errors(func: Callable) -> Callable:
         warnings.showwarning = _show_warning
         try:
             return func(*args, **kwargs)
-        except BadInput as exc:
+        except (BadInput, UnsupportedModel) as exc:  # a model ftwt cannot gate is bad input too
             _fail(_one_line(exc), BadInput.exit_code)
         except (typer.Exit, typer.Abort, SystemExit):
             raise
