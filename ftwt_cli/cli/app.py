@@ -38,6 +38,10 @@ CheckpointOpt = Annotated[
         "or 'torchvision' (pretrained weights of resnet18/resnet34/mobilenet_v2).",
     ),
 ]
+ImageSizeOpt = Annotated[
+    Optional[int],
+    typer.Option("--image-size", help="Input side in pixels, e.g. 32 or 224 (0: the model's own; other models take 32)."),
+]
 SamplesOpt = Annotated[Optional[int], typer.Option("--samples", help="Cap on images per data pass (0: all).")]
 BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", help="Images per batch.")]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cuda")]
