@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from ftwt_cli import __version__
-from ftwt_cli.algorithms.static import apply_signature, restore
+from ftwt_cli.algorithms.static import apply_signature, restore, restore_core
 from ftwt_cli.core.gating import FTWTModel
 from ftwt_cli.core.heads import DEFAULT_HEAD, HEADS, HeadSpec
 from ftwt_cli.core.targets import TARGETS, Target, make_target
@@ -232,6 +232,8 @@ def load_model(cfg: Config, path: str | None, *, require: str | None = None, war
         if any(meta.get("codebook_sizes") or []):  # routing among prototypes: buffers of these shapes
             widths = [b.out_channels for b in model.graph.blocks]
             model.set_codebooks([torch.zeros(k, c) if k else None for k, c in zip(meta["codebook_sizes"], widths)])
+        if meta.get("static_core"):  # pruned, heads for the gated filters only: rebuilt from plain values
+            model = restore_core(model, meta["static_core"])
     elif meta["kind"] == "static":  # rebuilt by replaying the pruning history, never unpickled
         model = restore(model, meta["pruning_history"], tuple(meta["input_size"]))
     ckpt.load_weights(model, payload["model"], path, what)
@@ -264,3 +266,9 @@ def pretrained_weights(model_name: str) -> Path:
 
 def torchvision_weights_url(model_name: str) -> str:
     return torchvision.models.get_model_weights(model_name).DEFAULT.url
+
+
+def first_test_images(cfg: Config, count: int) -> torch.Tensor:
+    """The first ``count`` images of the test split (seeded subset), normalised, as one tensor."""
+    images = dataset(cfg, "test", limit=count)
+    return torch.stack([images[i][0] for i in range(len(images))])
