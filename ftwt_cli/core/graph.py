@@ -122,10 +122,11 @@ class LinearSpec:
     name: str
     in_features: int
     out_features: int
+    positions: int = 1  # vectors the layer maps per image (tokens of a transformer's MLP; 1 for a classifier)
 
     @property
     def dense_macs(self) -> int:
-        return self.in_features * self.out_features
+        return self.in_features * self.out_features * self.positions
 
 
 @dataclass
@@ -231,7 +232,9 @@ def analyze(model: nn.Module, input_size: tuple[int, int]) -> ModelGraph:
                 )
             )
         elif isinstance(module, nn.Linear):
-            graph.linears.append(LinearSpec(node.target, module.in_features, module.out_features))
+            shape = node.meta["tensor_meta"].shape
+            positions = max(1, int(torch.Size(shape).numel()) // (int(shape[0]) * module.out_features))
+            graph.linears.append(LinearSpec(node.target, module.in_features, module.out_features, positions))
     return graph
 
 

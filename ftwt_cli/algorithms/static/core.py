@@ -204,7 +204,7 @@ def refreshed_graph(graph: ModelGraph, backbone: nn.Module) -> ModelGraph:
         type(b)(b.conv, b.bn, b.activation, b.monotone_activation, conv_of(b.conv).in_channels, conv_of(b.conv).out_channels)
         for b in graph.blocks
     ]
-    linears = [LinearSpec(lin.name, backbone.get_submodule(lin.name).in_features, lin.out_features) for lin in graph.linears]
+    linears = [LinearSpec(lin.name, backbone.get_submodule(lin.name).in_features, lin.out_features, lin.positions) for lin in graph.linears]
     return ModelGraph(graph.input_size, blocks, convs, linears, graph.traced)
 
 
