@@ -108,7 +108,8 @@ def cli(args: list[str]) -> tuple[str, str, dict | None, float]:
     result = CliRunner().invoke(app, [*args, "--json"])
     seconds = time.perf_counter() - start
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    message = lines[-1][len("error: ") :] if lines else ""
+    rest = [line.strip() for line in result.stderr.splitlines() if line.strip()]
+    message = lines[-1][len("error: ") :] if lines else (rest[-1] if rest else "")
     if result.exit_code == 0:
         return "ok", "", json.loads(result.stdout), seconds
     if result.exception is not None and not isinstance(result.exception, SystemExit):
@@ -179,7 +180,7 @@ def run_model(spec: str, size: int, work: Path, quick: bool, steps: tuple[str, .
             continue
         if step == "export":
             args = ["export", str(folder / "calibrated.pt"), "--format", "torchscript", "--out", str(folder / "model.ts"),
-                    "--profile", str(profile), "--device", "cpu", "--check-samples", "4"]  # fmt: skip
+                    "--profile", str(profile), "--check-samples", "4"]  # fmt: skip
         else:
             args = commands[step]
         status, message, doc, seconds = cli(args)

@@ -21,7 +21,9 @@ back to module order: blocks are conv modules immediately followed by a matching
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import operator
 import warnings
 from dataclasses import dataclass, field
@@ -257,7 +259,8 @@ def _propagate_shapes(model: nn.Module, traced: torch.fx.GraphModule, input_size
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        # ShapeProp prints the traceback of a failing node itself; the refusal below says it in one line.
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             ShapeProp(traced).propagate(torch.zeros(1, 3, *input_size, device=param.device, dtype=param.dtype))
     except Exception as exc:  # noqa: BLE001 - the model cannot run on this input: say where and why
         cause = exc.__cause__ or exc
