@@ -138,6 +138,7 @@ class ModelGraph:
     convs: list[ConvSpec] = field(default_factory=list)
     linears: list[LinearSpec] = field(default_factory=list)
     traced: bool = True
+    head_macs: int | None = None  # the heads' MACs when they are not one C_in × C_out map per block (a static core)
 
     @property
     def dense_macs(self) -> int:

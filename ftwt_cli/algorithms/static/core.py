@@ -175,6 +175,7 @@ def install_heads(core: FTWTModel, spec: CoreSpec, heads: list[DecisionHead]) ->
             raise UnsupportedModel(f"a static core needs heads built like the paper's; {type(head).__name__} is not")
         block.head = CoreHead(head, kept, gated, inputs)
     core.graph = refreshed_graph(core.graph, core.backbone)
+    core.graph.head_macs = sum(block.head.macs for block in core.blocks)
 
 
 def forced_reference(model: FTWTModel, spec: CoreSpec) -> FTWTModel:
