@@ -59,16 +59,25 @@ class CoreHead(nn.Module):
         self.register_buffer("place", torch.tensor(place, dtype=torch.long))
         self.register_buffer("logit_offset", torch.zeros(len(kept), dtype=head.proj.weight.dtype))
         self.gated_count = len(gated)
+        # Fewer ops where nothing needs placing (batch-1 latency is mostly per-op overhead on small maps).
+        self.every_input = list(inputs) == list(range(in_width))
+        self.only_gated = list(gated) == list(kept)
+        self.all_always = not gated and not never_set
 
     def pool(self, block_input: torch.Tensor) -> torch.Tensor:
         return block_input.amax(dim=(2, 3)) if self.spec.pool == "max" else block_input.mean(dim=(2, 3))
 
     def logits(self, pooled: torch.Tensor) -> torch.Tensor:
         fixed = pooled[:, :1] * 0
+        if self.all_always:  # every filter kept: no head to run
+            return (fixed + ALWAYS_LOGIT).expand(-1, self.place.numel()) + self.logit_offset
         columns = [fixed + ALWAYS_LOGIT, fixed + NEVER_LOGIT]
         if self.inner is not None:
-            full = torch.cat([pooled, fixed], dim=1).index_select(1, self.expand)
-            columns.insert(0, self.inner.logits(full))
+            full = pooled if self.every_input else torch.cat([pooled, fixed], dim=1).index_select(1, self.expand)
+            gated = self.inner.logits(full)
+            if self.only_gated:
+                return gated + self.logit_offset
+            columns.insert(0, gated)
         return torch.cat(columns, dim=1).index_select(1, self.place) + self.logit_offset
 
     def forward(self, block_input: torch.Tensor) -> torch.Tensor:
