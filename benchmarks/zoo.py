@@ -134,7 +134,9 @@ def engine_check(spec: str, size: int, checkpoint: str, images: int) -> dict:
         worst = max(worst, (got - expected[i : i + 1]).abs().max().item())
         same_masks &= all(torch.equal(e, m[i]) for e, m in zip(engine.block_masks(), masks))
     scale = expected.abs().max().item()
-    return {"max_abs_diff": worst, "logit_scale": scale, "masks_equal": same_masks, "exact": same_masks and worst <= 1e-4 * max(1.0, scale)}
+    finite = bool(torch.isfinite(expected).all())
+    exact = finite and same_masks and worst <= 1e-4 * max(1.0, scale)
+    return {"max_abs_diff": worst, "logit_scale": scale, "finite": finite, "masks_equal": same_masks, "exact": exact}
 
 
 def run_model(spec: str, size: int, work: Path, quick: bool, steps: tuple[str, ...] = STEPS) -> dict:

@@ -84,6 +84,10 @@ def export_checkpoint(
     description = describe(meta, model.state_dict(), fmt)
     with torch.no_grad():
         expected = model(images)
+    if not torch.isfinite(expected).all():
+        broken = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        where = f"; e.g. {broken[0]} holds NaN or inf" if broken else ""
+        raise BadInput(f"{checkpoint} gives non-finite logits on the test images, so there is nothing to check an export against{where}")
     if fmt == "checkpoint":
         blob, check = _checkpoint_bytes(cfg, model, meta, images, expected)
     else:
