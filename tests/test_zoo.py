@@ -212,3 +212,25 @@ class InPlaceShortcut(nn.Module):
 def test_a_node_changed_in_place_is_no_producer():
     graph = analyze(InPlaceShortcut(), (8, 8))
     assert len(graph.blocks) == 2 and graph.convs[1].producer is None
+
+
+class ShapeBranch(nn.Module):
+    """timm's VGG head: control flow on the input's shape, which fx cannot trace."""
+
+    def forward(self, x):
+        if x.shape[-1] > 2:
+            x = F.adaptive_avg_pool2d(x, 2)
+        return x.flatten(1)
+
+
+def test_a_submodule_fx_cannot_trace_becomes_one_leaf_node():
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(), ShapeBranch(), nn.Linear(32, 3),
+    )  # fmt: skip
+    graph = analyze(model, (8, 8))
+    assert graph.traced and [b.conv for b in graph.blocks] == ["0", "3"] and graph.convs[1].producer == 0
+    gated = FTWTModel(model, (8, 8)).eval().configure(mask_source="predicted")
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(build_engine(gated)(x), gated(x), atol=1e-5)

@@ -61,11 +61,27 @@ def split_batchnorm(bn: nn.BatchNorm2d) -> tuple[nn.BatchNorm2d, nn.Module] | No
     return (plain, tail) if same else None
 
 
-class _BatchNormLeaves(torch.fx.Tracer):
-    """fx tracing with every BatchNorm module a leaf: fused BN+activation modules stay one node."""
+class LeafTracer(torch.fx.Tracer):
+    """fx tracing with every BatchNorm module a leaf (fused BN+activation modules stay one node), and
+    every submodule whose forward fx cannot trace (control flow on shapes or values, as in timm's VGG
+    head) a leaf too: the graph runs it as one opaque call instead of failing as a whole."""
 
     def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
         return isinstance(m, nn.modules.batchnorm._BatchNorm) or super().is_leaf_module(m, qualified_name)
+
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        if self.is_leaf_module(m, self.path_of_module(m)):
+            return super().call_module(m, forward, args, kwargs)
+        before = list(self.graph.nodes)[-1] if len(self.graph.nodes) else None
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except torch.fx.proxy.TraceError:
+            # Drop what the failed attempt added (nodes after ``before``), then record one call.
+            for node in reversed(list(self.graph.nodes)):
+                if node is before:
+                    break
+                self.graph.erase_node(node)
+            return self.create_proxy("call_module", self.path_of_module(m), args, kwargs)
 
 
 def trace(model: nn.Module) -> torch.fx.GraphModule:
@@ -73,6 +89,6 @@ def trace(model: nn.Module) -> torch.fx.GraphModule:
     was_training = model.training
     model.eval()
     try:
-        return torch.fx.GraphModule(model, _BatchNormLeaves().trace(model))
+        return torch.fx.GraphModule(model, LeafTracer().trace(model))
     finally:
         model.train(was_training)
