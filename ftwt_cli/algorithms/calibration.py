@@ -112,8 +112,12 @@ def _offsets_for(logits: list[torch.Tensor], keep: list[float]) -> list[float]:
             offsets.append(float(-flat.max()) - 1e-3)
         else:
             # kthvalue: the k-th smallest; everything above it is kept (ties at the boundary are dropped).
+            # The threshold sits halfway to the next larger logit, not on the k-th one: a logit exactly at
+            # the threshold would be decided by rounding (torch, the engine's numpy, an ONNX runtime).
             k = max(1, min(flat.numel(), round((1.0 - q) * flat.numel())))
-            offsets.append(float(-flat.kthvalue(k).values))
+            boundary = flat.kthvalue(k).values
+            above = flat[flat > boundary]
+            offsets.append(float(-(boundary + above.min()) / 2) if above.numel() else float(-boundary) - 1e-3)
     return offsets
 
 

@@ -8,7 +8,7 @@ import sys
 
 # Each command module registers its commands on the app; this order is the order of `ftwt --help`.
 # isort: off
-from ftwt_cli.cli import plan, train, evaluate, calibrate  # noqa: F401
+from ftwt_cli.cli import plan, train, evaluate, calibrate, export  # noqa: F401
 # isort: on
 from ftwt_cli.cli.app import app
 

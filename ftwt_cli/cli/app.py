@@ -12,6 +12,7 @@ from typing import Annotated, Any, Callable, Optional
 import typer
 
 from ftwt_cli.console import console
+from ftwt_cli.core.graph import UnsupportedModel
 from ftwt_cli.errors import BadInput
 from ftwt_cli.io import config as config_mod
 
@@ -36,6 +37,10 @@ CheckpointOpt = Annotated[
         help="Weights to load: an ftwt checkpoint, a plain state_dict (torch.save(model.state_dict(), FILE)) "
         "or 'torchvision' (pretrained weights of resnet18/resnet34/mobilenet_v2).",
     ),
+]
+ImageSizeOpt = Annotated[
+    Optional[int],
+    typer.Option("--image-size", help="Input side in pixels, e.g. 32 or 224 (0: the model's own; other models take 32)."),
 ]
 SamplesOpt = Annotated[Optional[int], typer.Option("--samples", help="Cap on images per data pass (0: all).")]
 BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", help="Images per batch.")]
@@ -72,7 +77,7 @@ def handle_errors(func: Callable) -> Callable:
         warnings.showwarning = _show_warning
         try:
             return func(*args, **kwargs)
-        except BadInput as exc:
+        except (BadInput, UnsupportedModel) as exc:  # a model ftwt cannot gate is bad input too
             _fail(_one_line(exc), BadInput.exit_code)
         except (typer.Exit, typer.Abort, SystemExit):
             raise

@@ -13,6 +13,7 @@ from ftwt_cli.cli.app import (
     DataRootOpt,
     DeviceOpt,
     DownloadOpt,
+    ImageSizeOpt,
     JsonOpt,
     ModelOpt,
     ProfileOpt,
@@ -40,6 +41,7 @@ def calibrate_command(
     profile: ProfileOpt = DEFAULT_PROFILE,
     model: ModelOpt = None,
     data: DataOpt = None,
+    image_size: ImageSizeOpt = None,
     batch_size: BatchOpt = None,
     device: DeviceOpt = None,
     data_root: DataRootOpt = None,
@@ -50,7 +52,7 @@ def calibrate_command(
     """Choose per-layer head thresholds on held-out training images so the model removes --target-flops % of
     the FLOPs; report the test split before and after."""
     cfg = resolve_config(
-        profile, model=model, data=data, batch_size=batch_size, device=device, data_root=data_root,
+        profile, model=model, data=data, image_size=image_size, batch_size=batch_size, device=device, data_root=data_root,
         download=download, workers=workers,
     )  # fmt: skip
     record = calibrate_checkpoint(cfg, checkpoint, target_flops, out)

@@ -16,6 +16,7 @@ from ftwt_cli.cli.app import (
     DataRootOpt,
     DeviceOpt,
     DownloadOpt,
+    ImageSizeOpt,
     JsonOpt,
     ModelOpt,
     ProfileOpt,
@@ -57,6 +58,7 @@ def estimate_command(
     data: DataOpt = None,
     checkpoint: CheckpointOpt = None,
     samples: SamplesOpt = None,
+    image_size: ImageSizeOpt = None,
     batch_size: BatchOpt = None,
     device: DeviceOpt = None,
     seed: SeedOpt = None,
@@ -80,7 +82,7 @@ def estimate_command(
                 raise BadInput(f"{option} {path} is a folder; give a file name")
             check_writable(path, option)
     cfg = resolve_config(
-        profile, model=model, data=data, checkpoint=checkpoint, samples=samples, batch_size=batch_size,
+        profile, model=model, data=data, checkpoint=checkpoint, samples=samples, image_size=image_size, batch_size=batch_size,
         device=device, seed=seed, data_root=data_root, download=download, workers=workers,
     )  # fmt: skip
     planned = plan_estimate(cfg, ratios)
@@ -142,6 +144,7 @@ def search_command(
     data: DataOpt = None,
     checkpoint: CheckpointOpt = None,
     samples: SamplesOpt = None,
+    image_size: ImageSizeOpt = None,
     batch_size: BatchOpt = None,
     device: DeviceOpt = None,
     seed: SeedOpt = None,
@@ -152,7 +155,7 @@ def search_command(
 ) -> None:
     """Bisect r until the estimated FLOPs reduction is within --tolerance of --target-flops."""
     cfg = resolve_config(
-        profile, model=model, data=data, checkpoint=checkpoint, samples=samples, batch_size=batch_size,
+        profile, model=model, data=data, checkpoint=checkpoint, samples=samples, image_size=image_size, batch_size=batch_size,
         device=device, seed=seed, data_root=data_root, download=download, workers=workers,
     )  # fmt: skip
     result = plan_search(cfg, target_flops, tolerance, cascade).result

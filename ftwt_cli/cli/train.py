@@ -15,6 +15,7 @@ from ftwt_cli.cli.app import (
     DataRootOpt,
     DeviceOpt,
     DownloadOpt,
+    ImageSizeOpt,
     JsonOpt,
     ModelOpt,
     SamplesOpt,
@@ -128,6 +129,7 @@ def train_command(
     model: ModelOpt = None,
     data: DataOpt = None,
     samples: SamplesOpt = None,
+    image_size: ImageSizeOpt = None,
     batch_size: BatchOpt = None,
     device: DeviceOpt = None,
     seed: SeedOpt = None,
@@ -155,7 +157,7 @@ def train_command(
         if resume:
             fixed = _given(
                 dense=dense, init=init, target_flops=target_flops, lr=lr, milestones=milestones, val_fraction=val_fraction,
-                out=out, profile=profile, model=model, data=data, samples=samples, batch_size=batch_size, seed=seed,
+                out=out, profile=profile, model=model, data=data, samples=samples, image_size=image_size, batch_size=batch_size, seed=seed,
                 static=static, signature=signature, static_signature=static_signature, gt=gt, **ftwt_options,
                 **distillation,
             )  # fmt: skip
@@ -175,7 +177,7 @@ def train_command(
             cfg = resolve_config(
                 profile or DEFAULT_PROFILE,
                 show=is_main,
-                model=model, data=data, samples=samples, train_samples=samples, batch_size=batch_size, device=device,
+                model=model, data=data, image_size=image_size, samples=samples, train_samples=samples, batch_size=batch_size, device=device,
                 seed=seed, sync_bn=sync_bn, pretrained=False if dense else None, data_root=data_root, download=download,
                 workers=workers, val_fraction=val_fraction, **ftwt_options, **distillation,
                 target="topk" if (signature and not static_signature) else gt,

@@ -54,7 +54,7 @@ class FlopsCounter:
     def __init__(self, graph: ModelGraph) -> None:
         self.graph = graph
         self.dense_macs = graph.dense_macs
-        self.head_macs = sum(b.in_channels * b.out_channels for b in graph.blocks)
+        self.head_macs = graph.head_macs if graph.head_macs is not None else sum(b.in_channels * b.out_channels for b in graph.blocks)
         self._linear_macs = sum(lin.dense_macs for lin in graph.linears)
 
     def dynamic_macs(

@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ftwt_cli.core.batchnorm import split_batchnorm
 from ftwt_cli.core.codebook import Codebook
-from ftwt_cli.core.graph import analyze
+from ftwt_cli.core.graph import UnsupportedModel, analyze
 from ftwt_cli.core.heads import DecisionHead, HeadSpec
 from ftwt_cli.core.targets import Target, channel_response, top_count_mask
 
@@ -60,7 +61,8 @@ MASK_SOURCES = ("dense", "predicted", "target", "observed")
 
 
 class GatedBlock(nn.Module):
-    """A conv→BN[→act] block with its decision head. It replaces the conv; the BN becomes Identity.
+    """A conv→BN[→act] block with its decision head. It replaces the conv; the BN becomes Identity (a
+    fused BN+activation module leaves its activation in place, see :func:`graph.split_batchnorm`).
 
     The activation stays where it was in the backbone: masking the BN output is the same as masking
     the activation output because only activations with f(0) = 0 are attached (see graph.py).
@@ -139,16 +141,21 @@ class FTWTModel(nn.Module):
         super().__init__()
         self.gate = gate  # which blocks are gated (core.graph.GATES)
         self.graph = analyze(backbone, input_size, gate=gate)
+        if not self.graph.blocks:
+            raise UnsupportedModel(
+                f"{type(backbone).__name__} has no conv→BN block to gate (FTWT gates convolutions whose only "
+                "user is a BatchNorm2d; this model has none)"
+            )
         self.head_spec = head
         blocks: list[GatedBlock] = []
         for spec in self.graph.blocks:
             conv = backbone.get_submodule(spec.conv)
-            bn = backbone.get_submodule(spec.bn)
+            bn, tail = split_batchnorm(backbone.get_submodule(spec.bn))  # type: ignore[misc]  # analyze checked it
             head = self.head_spec.build(conv.in_channels, conv.out_channels)
             head.to(device=conv.weight.device, dtype=conv.weight.dtype)
             block = GatedBlock(conv, bn, head, spec.activation, spec.monotone_activation)
             replace_submodule(backbone, spec.conv, block)
-            replace_submodule(backbone, spec.bn, nn.Identity())
+            replace_submodule(backbone, spec.bn, tail)
             blocks.append(block)
         self.backbone = backbone
         self.__dict__["blocks"] = blocks  # graph order; not registered twice in the state dict

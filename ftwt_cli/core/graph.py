@@ -4,19 +4,27 @@
 
 * every conv→BN pair whose conv feeds only that BN becomes a block (in execution order); if the BN
   feeds only a zero-preserving activation, that activation is the block's and the target is taken
-  after it, otherwise before (e.g. the second conv of a residual block, before the add);
+  after it, otherwise before (e.g. the second conv of a residual block, before the add). A BN with
+  its activation fused in (timm's ``BatchNormAct2d``) is read as the BN followed by that activation
+  (:func:`split_batchnorm`);
 * every conv and linear layer with its output size, for FLOPs accounting;
 * for every conv, the block whose (masked) output reaches it through zero-preserving layers only
   (activations with f(0) = 0, pooling, dropout): its "producer", whose mask tells which input
   channels are exactly zero and so cost nothing.
 
-Models that fx cannot trace fall back to module order: blocks are conv modules immediately followed
-by a matching BN, with no producers (every input channel counted) and a warning.
+Tracing runs the model in eval mode (fx bakes ``if self.training`` branches into the graph) with every
+BatchNorm module a leaf, so it never depends on batch statistics. Models that fx cannot trace fall
+back to module order: blocks are conv modules immediately followed by a matching BN, with no producers
+(every input channel counted) and a warning. A model the shape pass cannot run is refused with
+:class:`UnsupportedModel` naming the layer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
+import operator
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable
@@ -27,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from ftwt_cli.core.batchnorm import FusedTail, split_batchnorm, trace
 from ftwt_cli.core.registry import Registry
 
 # module type → (functional form that never works in place, monotone and non-negative?)
@@ -63,6 +72,23 @@ _ZERO_PRESERVING_MODULES = (
     nn.Identity,
 )
 _ZERO_PRESERVING_FUNCTIONS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.dropout}
+class UnsupportedModel(ValueError):
+    """A model ftwt cannot gate (no conv→BN block) or trace; the message names the module and why."""
+
+
+#: In-place ops that change a node's value after it was computed (``x[:, :c] += y`` traces to setitem).
+_MUTATING_FUNCTIONS = {operator.setitem}
+
+
+def _mutated(node: torch.fx.Node) -> bool:
+    """True when a later node changes ``node``'s tensor in place (so its zeros may not stay zeros)."""
+    for user in node.users:
+        if user.args and user.args[0] is node:
+            if user.op == "call_function" and user.target in _MUTATING_FUNCTIONS:
+                return True
+            if user.op == "call_method" and str(user.target).endswith("_") and user.target not in _ACTIVATION_METHODS:
+                return True
+    return False
 
 
 @dataclass(frozen=True)
@@ -100,10 +126,11 @@ class LinearSpec:
     name: str
     in_features: int
     out_features: int
+    positions: int = 1  # vectors the layer maps per image (tokens of a transformer's MLP; 1 for a classifier)
 
     @property
     def dense_macs(self) -> int:
-        return self.in_features * self.out_features
+        return self.in_features * self.out_features * self.positions
 
 
 @dataclass
@@ -113,6 +140,7 @@ class ModelGraph:
     convs: list[ConvSpec] = field(default_factory=list)
     linears: list[LinearSpec] = field(default_factory=list)
     traced: bool = True
+    head_macs: int | None = None  # the heads' MACs when they are not one C_in × C_out map per block (a static core)
 
     @property
     def dense_macs(self) -> int:
@@ -121,9 +149,7 @@ class ModelGraph:
 
 def _activation_of(node: torch.fx.Node, modules: dict[str, nn.Module]) -> tuple[Callable, bool] | None:
     if node.op == "call_module":
-        module = modules[node.target]
-        maker = _ACTIVATION_MODULES.get(type(module))
-        return maker(module) if maker else None
+        return _activation_of_module(modules[node.target])
     if node.op == "call_function":
         return _ACTIVATION_FUNCTIONS.get(node.target)
     if node.op == "call_method":
@@ -164,7 +190,7 @@ def analyze(model: nn.Module, input_size: tuple[int, int], gate: str = "all") ->
     ``gate`` names the policy (:data:`GATES`) that decides which conv→BN blocks are gated."""
     gated = GATES[gate]
     try:
-        traced = torch.fx.symbolic_trace(model)
+        traced = trace(model)
     except Exception as exc:  # noqa: BLE001 - any tracing failure falls back to module order
         warnings.warn(
             f"model could not be traced with torch.fx ({type(exc).__name__}: {exc}); blocks are found by "
@@ -173,17 +199,10 @@ def analyze(model: nn.Module, input_size: tuple[int, int], gate: str = "all") ->
         )
         return _analyze_by_module_order(model, input_size)
     modules = dict(traced.named_modules())
-    param = next(model.parameters())
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            ShapeProp(traced).propagate(torch.zeros(1, 3, *input_size, device=param.device, dtype=param.dtype))
-    finally:
-        model.train(was_training)
+    _propagate_shapes(model, traced, input_size)
 
     graph = ModelGraph(input_size=tuple(input_size))
-    block_of_bn: dict[torch.fx.Node, int] = {}
+    block_of_bn: dict[torch.fx.Node, int] = {}  # the node whose output is the block's (masked) output
     block_of_conv: dict[torch.fx.Node, int] = {}
     for node in traced.graph.nodes:
         if node.op != "call_module" or not isinstance(modules[node.target], nn.Conv2d):
@@ -196,8 +215,18 @@ def analyze(model: nn.Module, input_size: tuple[int, int], gate: str = "all") ->
         conv = modules[node.target]
         if not isinstance(bn, nn.BatchNorm2d) or bn_node.args[0] is not node or bn.num_features != conv.out_channels:
             continue
+        split = split_batchnorm(bn)
+        if split is None:
+            continue
+        tail = split[1]
+        fused = isinstance(tail, FusedTail) and not isinstance(tail.act, nn.Identity)
         bn_users = list(bn_node.users)
-        act = _activation_of(bn_users[0], modules) if len(bn_users) == 1 else None
+        if fused:
+            act = _activation_of_module(tail.act)  # inside the BN module; None: one that is not zero-preserving
+            clean = act is not None
+        else:
+            act = _activation_of(bn_users[0], modules) if len(bn_users) == 1 else None
+            clean = True
         spec = BlockSpec(
             conv=node.target,
             bn=bn_node.target,
@@ -205,11 +234,13 @@ def analyze(model: nn.Module, input_size: tuple[int, int], gate: str = "all") ->
             monotone_activation=act[1] if act else False,
             in_channels=conv.in_channels,
             out_channels=conv.out_channels,
-            internal=feeds_convs_only(bn_users[0] if act else bn_node, modules),
+            internal=clean and feeds_convs_only(bn_users[0] if act and not fused else bn_node, modules),
         )
         if not gated(spec):
             continue
-        block_of_bn[bn_node] = block_of_conv[node] = len(graph.blocks)
+        index = block_of_conv[node] = len(graph.blocks)
+        if clean:
+            block_of_bn[bn_node] = index  # masked channels leave this node as zeros
         graph.blocks.append(spec)
 
     for node in traced.graph.nodes:
@@ -218,15 +249,6 @@ def analyze(model: nn.Module, input_size: tuple[int, int], gate: str = "all") ->
         module = modules[node.target]
         if isinstance(module, nn.Conv2d):
             shape = node.meta["tensor_meta"].shape
-            producer = None
-            source = node.args[0]
-            while isinstance(source, torch.fx.Node):
-                if source in block_of_bn:
-                    producer = block_of_bn[source]
-                    break
-                if not is_zero_preserving(source, modules) or not source.args:
-                    break
-                source = source.args[0]
             graph.convs.append(
                 ConvSpec(
                     name=node.target,
@@ -236,16 +258,63 @@ def analyze(model: nn.Module, input_size: tuple[int, int], gate: str = "all") ->
                     kernel_size=tuple(module.kernel_size),
                     out_hw=(int(shape[2]), int(shape[3])),
                     block=block_of_conv.get(node),
-                    producer=producer,
+                    producer=_producer(node.args[0], block_of_bn, modules),
                 )
             )
         elif isinstance(module, nn.Linear):
-            graph.linears.append(LinearSpec(node.target, module.in_features, module.out_features))
+            shape = node.meta["tensor_meta"].shape
+            positions = max(1, int(torch.Size(shape).numel()) // (int(shape[0]) * module.out_features))
+            graph.linears.append(LinearSpec(node.target, module.in_features, module.out_features, positions))
     return graph
 
 
+def _producer(source, block_of_bn: dict[torch.fx.Node, int], modules: dict[str, nn.Module]) -> int | None:
+    """The block whose mask zeroes ``source``'s channels, through zero-preserving layers not changed in place."""
+    while isinstance(source, torch.fx.Node) and not _mutated(source):
+        if source in block_of_bn:
+            return block_of_bn[source]
+        if not is_zero_preserving(source, modules) or not source.args:
+            return None
+        source = source.args[0]
+    return None
+
+
+def _propagate_shapes(model: nn.Module, traced: torch.fx.GraphModule, input_size: tuple[int, int]) -> None:
+    """Run the traced model once on zeros in eval mode (never on batch statistics) to record shapes."""
+    param = next(model.parameters(), None)
+    if param is None:
+        raise UnsupportedModel(f"{type(model).__name__} has no parameters: nothing to gate")
+    was_training = model.training
+    model.eval()
+    try:
+        # ShapeProp prints the traceback of a failing node itself; the refusal below says it in one line.
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+            ShapeProp(traced).propagate(torch.zeros(1, 3, *input_size, device=param.device, dtype=param.dtype))
+    except Exception as exc:  # noqa: BLE001 - the model cannot run on this input: say where and why
+        cause = exc.__cause__ or exc
+        node = str(exc).split("node=", 1)[1].split(" ", 1)[0] if "node=" in str(exc) else "?"
+        detail = " ".join(str(cause).split())[:200]
+        raise UnsupportedModel(
+            f"{type(model).__name__} does not run on 3×{input_size[0]}×{input_size[1]} inputs (at {node.lstrip('%')}: "
+            f"{type(cause).__name__}: {detail})"
+        ) from None
+    finally:
+        model.train(was_training)
+
+
+def _activation_of_module(module: nn.Module) -> tuple[Callable, bool] | None:
+    maker = _ACTIVATION_MODULES.get(type(module))
+    return maker(module) if maker else None
+
+
 def _analyze_by_module_order(model: nn.Module, input_size: tuple[int, int]) -> ModelGraph:
-    named = [(n, m) for n, m in model.named_modules() if not list(m.children())]
+    # Leaves in module order, a BN module (fused BN+activation included) counting as one leaf.
+    norms = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    named = [
+        (n, m)
+        for n, m in model.named_modules()
+        if (n in norms or not list(m.children())) and not any(n.startswith(f"{b}.") for b in norms)
+    ]
     graph = ModelGraph(input_size=tuple(input_size), traced=False)
     block_of_conv: dict[str, int] = {}
     for (name, module), (next_name, next_module) in zip(named, named[1:]):
@@ -253,6 +322,7 @@ def _analyze_by_module_order(model: nn.Module, input_size: tuple[int, int]) -> M
             isinstance(module, nn.Conv2d)
             and isinstance(next_module, nn.BatchNorm2d)
             and next_module.num_features == module.out_channels
+            and split_batchnorm(next_module) is not None
         ):
             block_of_conv[name] = len(graph.blocks)
             graph.blocks.append(BlockSpec(name, next_name, None, False, module.in_channels, module.out_channels))
@@ -292,4 +362,6 @@ def _analyze_by_module_order(model: nn.Module, input_size: tuple[int, int]) -> M
     return graph
 
 
-__all__ = ["BlockSpec", "ConvSpec", "LinearSpec", "ModelGraph", "analyze"]
+__all__ = [
+    "BlockSpec", "ConvSpec", "FusedTail", "LinearSpec", "ModelGraph", "UnsupportedModel", "analyze", "split_batchnorm", "trace",
+]

@@ -19,6 +19,7 @@ from torch import nn
 from torch.fx.node import map_arg
 from torch.fx.passes.shape_prop import ShapeProp
 
+from ftwt_cli.core.batchnorm import LeafTracer
 from ftwt_cli.core.gating import FTWTModel, GatedBlock
 from ftwt_cli.core.graph import is_zero_preserving
 from ftwt_cli.engine import choice
@@ -29,7 +30,7 @@ from ftwt_cli.engine.geometry import ConvGeometry
 from ftwt_cli.engine.reference import dense_fallback, folded_dense
 
 
-class _LeafGatedBlocks(torch.fx.Tracer):
+class _LeafGatedBlocks(LeafTracer):  # BN modules and modules fx cannot trace stay leaves, as in core.graph
     def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
         return isinstance(m, GatedBlock) or super().is_leaf_module(m, qualified_name)
 

@@ -12,6 +12,7 @@ import copy
 import torch
 from torch import nn
 
+from ftwt_cli.core.batchnorm import split_batchnorm
 from ftwt_cli.core.gating import FTWTModel, replace_submodule
 from ftwt_cli.core.graph import analyze
 from ftwt_cli.engine.geometry import folded_conv
@@ -47,8 +48,9 @@ def folded_backbone(model: nn.Module, input_size: tuple[int, int], masked: bool 
         return backbone, gates
     backbone = copy.deepcopy(model).eval()
     for spec in analyze(backbone, input_size).blocks:
-        replace_submodule(backbone, spec.conv, folded_conv(backbone.get_submodule(spec.conv), backbone.get_submodule(spec.bn)))
-        replace_submodule(backbone, spec.bn, nn.Identity())
+        bn, tail = split_batchnorm(backbone.get_submodule(spec.bn))  # a fused BN keeps its activation (tail)
+        replace_submodule(backbone, spec.conv, folded_conv(backbone.get_submodule(spec.conv), bn))
+        replace_submodule(backbone, spec.bn, tail)
     return backbone, gates
 
 

@@ -19,6 +19,7 @@ import os
 import pickle
 import tempfile
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -139,7 +140,8 @@ def _torch_load(path: Path) -> Any:
 
 
 def _plain_state(payload: Any) -> dict[str, torch.Tensor] | None:
-    """The tensors of a plain or nested state_dict, without a DDP ``module.`` prefix; None if it is not one."""
+    """The tensors of a plain or nested state_dict, without a DDP ``module.`` prefix; None if it is not one.
+    The state_dict's ``_metadata`` (module versions, which e.g. torchvision's MNASNet reads) is kept."""
     if not isinstance(payload, dict):
         return None
     if not _all_tensors(payload):
@@ -147,9 +149,20 @@ def _plain_state(payload: Any) -> dict[str, torch.Tensor] | None:
         if not nested:
             return None
         payload = nested[0]
+    metadata = getattr(payload, "_metadata", None)
     if payload and all(isinstance(k, str) and k.startswith("module.") for k in payload):
         payload = {k[len("module.") :]: v for k, v in payload.items()}
-    return dict(payload)
+        if metadata is not None:
+            metadata = OrderedDict((k.partition("module")[2].lstrip("."), v) for k, v in metadata.items() if k.startswith("module"))
+    return _with_metadata(dict(payload), metadata)
+
+
+def _with_metadata(state: dict, metadata: Any) -> dict:
+    """``state`` as the OrderedDict ``load_state_dict`` reads, carrying ``metadata`` when there is one."""
+    state = OrderedDict(state)
+    if metadata is not None:
+        state._metadata = OrderedDict(metadata)  # type: ignore[attr-defined]
+    return state
 
 
 def _all_tensors(mapping: dict) -> bool:
@@ -189,4 +202,4 @@ def load_weights(model: nn.Module, state: dict, path: str | Path, what: str) -> 
 
 
 def _cpu_state(state: dict) -> dict:
-    return {k: v.detach().cpu() for k, v in state.items()}
+    return _with_metadata({k: v.detach().cpu() for k, v in state.items()}, getattr(state, "_metadata", None))

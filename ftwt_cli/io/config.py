@@ -48,6 +48,7 @@ class Config:
     download: bool = False
     pretrained: bool = False
     checkpoint: str | None = None
+    image_size: int = 0  # input side in pixels (0: the model's own: registry models know it, other models take 32)
     samples: int = 0  # cap on training images of a planning pass: estimate, search (0: all)
     train_samples: int = 0  # cap on the training images 'ftwt train' uses, held-out ones included (0: all)
     test_samples: int = 0  # cap on test images evaluated (0: all)
@@ -188,6 +189,8 @@ def validate(c: Config) -> None:
         raise BadInput(f"--batch-size must be at least 1, got {c.batch_size}")
     if c.samples < 0 or c.train_samples < 0 or c.test_samples < 0:
         raise BadInput("--samples must be 0 (all) or positive")
+    if c.image_size != 0 and not (16 <= c.image_size <= 1024):
+        raise BadInput(f"--image-size must be 0 (the model's own) or 16..1024 pixels, got {c.image_size}")
     if c.workers < 0:
         raise BadInput(f"--workers must be 0 (load in the main process) or positive, got {c.workers}")
     if not (0.0 <= c.val_fraction < 1.0) or math.isnan(c.val_fraction):

@@ -47,6 +47,8 @@ def parse_data(spec: str) -> DataSpec:
 # flips and small shifts (the CIFAR augmentation) never change the class.
 
 SYNTHETIC_SIZES = {"train": 5000, "test": 1000}
+_TEXTURES = ("horizontal-stripes", "vertical-stripes", "checks", "rings", "blob")
+_PALETTE_NAMES = ("warm", "cool")
 _PALETTES = (
     ((0.85, 0.35, 0.15), (0.95, 0.75, 0.25)),  # warm: foreground hues around red/orange/yellow
     ((0.15, 0.35, 0.85), (0.25, 0.80, 0.75)),  # cool: blue/teal
@@ -112,13 +114,14 @@ def stats_for(spec: DataSpec, family: str) -> tuple[tuple[float, ...], tuple[flo
     return IMAGENET_STATS if family == "imagenet" else CIFAR10_STATS
 
 
-def build_transform(spec: DataSpec, family: str, augment: bool, normalize: bool = True) -> v2.Compose:
-    """Standard CIFAR (crop 4 + flip) or ImageNet (random-resized crop + flip; resize 256, crop 224)."""
+def build_transform(spec: DataSpec, family: str, augment: bool, normalize: bool = True, size: int = 224) -> v2.Compose:
+    """Standard CIFAR (crop 4 + flip) or ImageNet (random-resized crop + flip; resize 256, crop 224), the
+    ImageNet family at ``size`` (resize to 256/224 of it, centre crop)."""
     steps: list = [v2.ToImage()]
     if family == "imagenet":
-        steps += [v2.RandomResizedCrop(224, antialias=True), v2.RandomHorizontalFlip()] if augment else [
-            v2.Resize(256, antialias=True),
-            v2.CenterCrop(224),
+        steps += [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()] if augment else [
+            v2.Resize(round(size * 256 / 224), antialias=True),
+            v2.CenterCrop(size),
         ]
     elif augment:
         steps += [v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip()]
@@ -127,6 +130,23 @@ def build_transform(spec: DataSpec, family: str, augment: bool, normalize: bool 
         mean, std = stats_for(spec, family)
         steps.append(v2.Normalize(mean, std))
     return v2.Compose(steps)
+
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def class_names_of(spec: DataSpec, root: str | Path = "data") -> list[str] | None:
+    """The label names in label order (None where they cannot be read: CIFAR-100 not on disk)."""
+    if spec.kind == "synthetic":
+        return [f"{_TEXTURES[label % 5]}-{_PALETTE_NAMES[label // 5]}" for label in range(SyntheticImages.num_classes)]
+    if spec.kind == "cifar10":
+        return list(CIFAR10_CLASSES)
+    if spec.kind == "imagefolder":
+        return _imagefolder_classes(_split_dir(spec, "train"))
+    try:
+        return list(datasets.CIFAR100(str(root), train=False, download=False).classes)
+    except (RuntimeError, OSError):
+        return None
 
 
 def num_classes_of(spec: DataSpec, root: str | Path = "data") -> int:
@@ -147,9 +167,11 @@ def build_dataset(
     root: str | Path = "data",
     download: bool = False,
     seed: int = 0,
+    size: int = 224,
 ) -> Dataset:
-    """The ``train`` or ``test`` split of ``spec`` with the standard transforms of the model family."""
-    transform = build_transform(spec, family, augment, normalize)
+    """The ``train`` or ``test`` split of ``spec`` with the standard transforms of the model family (the
+    ImageNet family at ``size`` pixels)."""
+    transform = build_transform(spec, family, augment, normalize, size)
     if spec.kind == "synthetic":
         return SyntheticImages(split, seed=seed, transform=transform)
     if spec.kind in ("cifar10", "cifar100"):

@@ -13,14 +13,15 @@ import torchvision
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from ftwt_cli.algorithms.static import apply_signature, restore
+from ftwt_cli import __version__
+from ftwt_cli.algorithms.static import apply_signature, restore, restore_core
 from ftwt_cli.core.gating import FTWTModel
 from ftwt_cli.core.heads import DEFAULT_HEAD, HEADS, HeadSpec
 from ftwt_cli.core.targets import TARGETS, Target, make_target
 from ftwt_cli.errors import BadInput
 from ftwt_cli.io import checkpoint as ckpt
 from ftwt_cli.io.config import Config
-from ftwt_cli.io.data import DataSpec, build_dataset, num_classes_of, parse_data, subset
+from ftwt_cli.io.data import DataSpec, build_dataset, class_names_of, num_classes_of, parse_data, stats_for, subset
 from ftwt_cli.models import REGISTRY, create_model, input_size_for, is_user_model
 
 #: ``--checkpoint torchvision`` / ``--init torchvision``: torchvision's pretrained weights of the model.
@@ -52,7 +53,10 @@ def data_spec(cfg: Config) -> DataSpec:
 
 
 def family(cfg: Config) -> str:
-    """Transform family: registry models know it; user models follow the data (ImageNet-sized folders)."""
+    """Transform family: ``--image-size`` 32 is CIFAR's, any other the ImageNet transforms at that size;
+    otherwise registry models know theirs and other models take CIFAR's."""
+    if cfg.image_size:
+        return "cifar" if cfg.image_size == 32 else "imagenet"
     if not is_user_model(cfg.model):
         if cfg.model not in REGISTRY:
             create_model(cfg.model, 10)  # raises the one-line unknown-model error
@@ -61,6 +65,8 @@ def family(cfg: Config) -> str:
 
 
 def input_size(cfg: Config) -> tuple[int, int]:
+    if cfg.image_size:
+        return (cfg.image_size, cfg.image_size)
     return input_size_for(cfg.model, (224, 224) if family(cfg) == "imagenet" else (32, 32))
 
 
@@ -78,6 +84,7 @@ def dataset(
         root=cfg.data_root,
         download=cfg.download,
         seed=cfg.seed,
+        size=input_size(cfg)[0],
     )
     if limit is None:
         limit = cfg.samples if split == "train" else cfg.test_samples
@@ -110,12 +117,18 @@ def num_classes(cfg: Config) -> int:
 
 
 def dense_meta(cfg: Config, classes: int) -> dict:
+    """What every checkpoint carries to be rebuilt and used on its own (``ftwt info`` prints it)."""
+    mean, std = stats_for(data_spec(cfg), family(cfg))
+    names = class_names_of(data_spec(cfg), cfg.data_root)
     return {
         "kind": "dense",
         "model": cfg.model,
         "num_classes": classes,
         "input_size": list(input_size(cfg)),
         "data": cfg.data,
+        "normalization": {"mean": list(mean), "std": list(std)},
+        "class_names": names if names is not None and len(names) == classes else None,
+        "ftwt_version": __version__,
     }
 
 
@@ -200,6 +213,13 @@ def load_model(cfg: Config, path: str | None, *, require: str | None = None, war
             f"checkpoint {path} is for model {meta.get('model')!r}, but the configuration says {cfg.model!r} "
             f"(pass --model {meta.get('model')} or the matching --profile)"
         )
+    known = cfg.image_size or is_user_model(cfg.model) or cfg.model in REGISTRY  # else the model knows (tests' toys)
+    if known and meta.get("input_size") and tuple(meta["input_size"]) != input_size(cfg):
+        side = meta["input_size"][0]
+        raise BadInput(
+            f"checkpoint {path} is for {side}×{meta['input_size'][1]} inputs but the configuration gives "
+            f"{input_size(cfg)[0]}×{input_size(cfg)[1]} (pass --image-size {side})"
+        )
     if require and meta.get("kind") != require:
         raise BadInput(f"checkpoint {path} is a {meta.get('kind')} checkpoint; this command needs a {require} one")
     if int(meta["num_classes"]) != classes:
@@ -222,6 +242,8 @@ def load_model(cfg: Config, path: str | None, *, require: str | None = None, war
         if any(meta.get("codebook_sizes") or []):  # routing among prototypes: buffers of these shapes
             widths = [b.out_channels for b in model.graph.blocks]
             model.set_codebooks([torch.zeros(k, c) if k else None for k, c in zip(meta["codebook_sizes"], widths)])
+        if meta.get("static_core"):  # pruned, heads for the gated filters only: rebuilt from plain values
+            model = restore_core(model, meta["static_core"])
     elif meta["kind"] == "static":  # rebuilt by replaying the pruning history, never unpickled
         model = restore(model, meta["pruning_history"], tuple(meta["input_size"]))
     ckpt.load_weights(model, payload["model"], path, what)
@@ -254,3 +276,9 @@ def pretrained_weights(model_name: str) -> Path:
 
 def torchvision_weights_url(model_name: str) -> str:
     return torchvision.models.get_model_weights(model_name).DEFAULT.url
+
+
+def first_test_images(cfg: Config, count: int) -> torch.Tensor:
+    """The first ``count`` images of the test split (seeded subset), normalised, as one tensor."""
+    images = dataset(cfg, "test", limit=count)
+    return torch.stack([images[i][0] for i in range(len(images))])

@@ -1,4 +1,5 @@
-"""Model registry: CIFAR and ImageNet families by name, plus any user model by import path or file."""
+"""Model registry: CIFAR and ImageNet families by name, the zoos (``torchvision:NAME``, ``timm:NAME``), plus
+any user model by import path or file."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from torch import nn
 
 from ftwt_cli.errors import BadInput
 from ftwt_cli.models import imagenet, mobilenet, resnet_cifar, small, vgg
+from ftwt_cli.models.zoo import create_zoo_model, is_zoo_model
 
 
 @dataclass(frozen=True)
@@ -44,11 +46,13 @@ REGISTRY: dict[str, ModelEntry] = {
 
 
 def is_user_model(spec: str) -> bool:
+    """Not a registry name: a zoo model or a user callable (both follow the data's input size)."""
     return ":" in spec
 
 
 def create_model(spec: str, num_classes: int) -> nn.Module:
-    """Build a registry model by name, or call ``package.module:callable`` / ``file.py:callable``.
+    """Build a registry model by name, a zoo model (``torchvision:NAME``, ``timm:NAME``), or call
+    ``package.module:callable`` / ``file.py:callable``.
 
     Weights are initialised; pretrained and trained weights are loaded by ftwt_cli.io.loading.load_model.
     """
@@ -56,9 +60,12 @@ def create_model(spec: str, num_classes: int) -> nn.Module:
         entry = REGISTRY.get(spec)
         if entry is None:
             raise BadInput(
-                f"unknown model {spec!r}; known: {', '.join(REGISTRY)} (or package.module:callable, path/to/file.py:callable)"
+                f"unknown model {spec!r}; known: {', '.join(REGISTRY)} (or torchvision:NAME, timm:NAME, "
+                "package.module:callable, path/to/file.py:callable)"
             )
         return entry.build(num_classes=num_classes)
+    if is_zoo_model(spec):
+        return create_zoo_model(spec, num_classes)
     factory = _load_callable(spec)
     try:
         model = factory(num_classes=num_classes)

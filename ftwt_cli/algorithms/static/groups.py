@@ -38,7 +38,7 @@ def plain_history(history: Iterable) -> list:
 
 
 def _dependency_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), torch.enable_grad():  # torch-pruning traces autograd: also under no_grad
         warnings.simplefilter("ignore")
         return tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
 
