@@ -226,3 +226,23 @@ def test_dynamic_training_rejects_an_ftwt_init(run_cli, tmp_path, smoke_cfg):
     result = run_cli("train", "--profile", "smoke", "--init", path, "--out", tmp_path / "run")
     assert result.exit_code == 2 and "needs a dense one" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_non_finite_weights_stop_the_run_before_they_are_saved(run_cli, tmp_path, dense_ckpt, monkeypatch):
+    from ftwt_cli.workflows.train.run import Run
+
+    original = Run.train_epoch
+
+    def poisoned(self, epoch):
+        row = original(self, epoch)
+        if epoch == 1:
+            with torch.no_grad():
+                next(self.model.parameters()).fill_(math.inf)  # the last step overflowed the weights
+        return row
+
+    monkeypatch.setattr(Run, "train_epoch", poisoned)
+    out = tmp_path / "run"
+    result = run_cli("train", "--profile", "smoke", "--dense", "--epochs", "3", "--out", out, "--json")
+    assert result.exit_code == 1 and "non-finite weights after epoch 2" in result.stderr
+    kept = torch.load(out / "last.pt", weights_only=True)
+    assert kept["meta"]["epoch"] == 1 and all(torch.isfinite(v).all() for v in kept["model"].values() if v.is_floating_point())

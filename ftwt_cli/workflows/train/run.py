@@ -30,7 +30,7 @@ from ftwt_cli.io import checkpoint as ckpt
 from ftwt_cli.io import loading
 from ftwt_cli.io.data import make_loader
 from ftwt_cli.workflows.train.kinds import Built, RunKind
-from ftwt_cli.workflows.train.objectives import train_step
+from ftwt_cli.workflows.train.objectives import NonFiniteLoss, train_step
 from ftwt_cli.workflows.train.processes import Distributed, seed_epoch, shard, wrap_for_processes
 from ftwt_cli.workflows.train.records import Summary, epoch_line, layer_rows, write_table
 from ftwt_cli.workflows.train.spec import BEST_FILE, LAST_FILE, LAYERS_FILE, METRICS_FILE, RunSpec
@@ -181,6 +181,7 @@ class Run:
             for hook in self.hooks:
                 hook.on_epoch_start(self, epoch)
             row = self.train_epoch(epoch)
+            check_finite(self.model, epoch + 1)
             self.dist.sync_buffers(self.model)
             for scheduler in self.schedulers.values():
                 scheduler.step()
@@ -225,3 +226,11 @@ class Run:
         row |= {k: v for k, v in asdict(test).items() if v is not None}
         self.layer_history += layer_rows(epoch, "test", stats)
         return row
+
+
+def check_finite(model, epoch: int) -> None:
+    """A finite last loss does not make finite weights (the last step can still overflow them): stop
+    before non-finite weights are saved, keeping the last good checkpoint."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise NonFiniteLoss(f"non-finite weights after epoch {epoch} ({name})")
