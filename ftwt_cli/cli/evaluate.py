@@ -27,6 +27,7 @@ from ftwt_cli.cli.app import (
     resolve_config,
 )
 from ftwt_cli.console import console, emit_json
+from ftwt_cli.engine import DEFAULT_MEMORY_MB
 from ftwt_cli.errors import BadInput
 from ftwt_cli.io.checkpoint import atomic_write_bytes
 from ftwt_cli.io.config import DEFAULT_PROFILE
@@ -84,6 +85,9 @@ def eval_command(
     latency_samples: Annotated[int, typer.Option("--latency-samples", help="Test images timed.")] = 200,
     threads: Annotated[int, typer.Option("--threads", help="CPU threads for the latency measurement.")] = 1,
     cache_mb: Annotated[float, typer.Option("--cache-mb", help="Sparse engine weight cache size (MiB).")] = 64.0,
+    engine_memory_mb: Annotated[
+        float, typer.Option("--engine-memory-mb", help="Cap on the engine's pre-sliced sub-networks (MiB).")
+    ] = DEFAULT_MEMORY_MB,
     json_out: JsonOpt = False,
 ) -> None:
     """Evaluate a dense or FTWT checkpoint (and --compare others) on the test split."""
@@ -92,6 +96,8 @@ def eval_command(
     sweep = brier_noise or blur_sigmas is not None or noise_sigmas is not None
     if latency and (latency_samples < 1 or threads < 1 or cache_mb < 0):
         raise BadInput("--latency-samples and --threads must be at least 1, --cache-mb at least 0")
+    if not engine_memory_mb > 0:
+        raise BadInput(f"--engine-memory-mb must be > 0 (MiB for the engine's pre-sliced sub-networks), got {engine_memory_mb:g}")
     _check_output_dir(csv, "--csv")
     _check_output_dir(plots, "--plots")
     cfg = resolve_config(
@@ -108,7 +114,8 @@ def eval_command(
         workers=workers,
     )
     perturbations = perturbation_grid(blur, noise) if sweep else []
-    options = LatencyOptions(latency_samples, threads, cache_mb) if latency else None
+    # With --latency, a --batch-size given on the command line also times batched throughput at that size.
+    options = LatencyOptions(latency_samples, threads, cache_mb, engine_memory_mb, batch_size) if latency else None
     reports = evaluate_checkpoints(cfg, compare or [], perturbations, options)
 
     tables = _tables(reports)
@@ -253,6 +260,8 @@ def _print_tables(reports: list[ModelReport], tables: dict[str, pd.DataFrame]) -
         first = reports[0].latency
         title = f"CPU latency, batch 1, {first.get('samples')} images, {first.get('threads')} thread(s)"
         console.print(_rich_table(title, frame[shown]))
+    for r in reports:
+        _print_engine_details(r)
     if "latency_layers" in tables:
         layers = tables["latency_layers"]
         for r in reports:
@@ -260,6 +269,25 @@ def _print_tables(reports: list[ModelReport], tables: dict[str, pd.DataFrame]) -
             if not rows.empty:
                 title = f"per-layer latency (build-time measurement, sparse = runs its sparse paths): {r.label}"
                 console.print(_rich_table(title, rows[[c for c in LATENCY_LAYER_COLUMNS if c in rows.columns]]))
+
+
+def _print_engine_details(report: ModelReport) -> None:
+    """The engine's pre-sliced sub-networks and, with --batch-size, batched throughput."""
+    latency = report.latency or {}
+    fitted, use = latency.get("prototypes") or {}, latency.get("prototype_use")
+    if use and fitted.get("prototypes"):
+        console.print(
+            f"engine prototypes ({report.label}): {fitted['prototypes']} over {fitted['layers']} layers, fitted on "
+            f"{fitted['fitted_on']} held-out images; {use['memory_mb']:.1f} of {fitted['memory_cap_mb']:g} MiB; "
+            f"coverage {100 * use['coverage']:.1f} % of gated conv calls, extra MACs {use['extra_mac_pct']:.2f} % of theirs",
+            highlight=False,
+        )
+    for size, row in (latency.get("batched") or {}).items():
+        console.print(
+            f"batch {size} ({report.label}): dense {row['dense_images_per_s']:.1f} images/s, engine "
+            f"{row['engine_images_per_s']:.1f} images/s, speedup {row['speedup']:.2f}×",
+            highlight=False,
+        )
 
 
 def _rich_table(title: str, frame: pd.DataFrame) -> Table:

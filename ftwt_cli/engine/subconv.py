@@ -52,6 +52,7 @@ class SubConv:
         self.kernel = "conv2d"
         self.timed = False
         tout = torch.from_numpy(out_idx)
+        self.depthwise = g.depthwise
         if g.depthwise:
             computed = np.intersect1d(out_idx, in_idx, assume_unique=True)
             self.groups = computed.size
@@ -99,7 +100,7 @@ class SubConv:
         self.channels_last = channels_last
         self.packed, self.kernel = None, "conv2d"
         self._run_weight = self.weight.contiguous(memory_format=torch.channels_last) if channels_last and self.weight.dim() == 4 else self.weight
-        if channels_last or self.g.depthwise or not choose_kernel or not packing_available() or self.groups == 0:
+        if channels_last or self.depthwise or not choose_kernel or not packing_available() or self.weight.shape[0] == 0:
             self.timed = choose_kernel
             return
         g = self.g
@@ -126,7 +127,7 @@ class SubConv:
     def run(self, values: torch.Tensor) -> torch.Tensor:
         """The sub-conv of ``values`` [n, |in|, H, W] (the input channels in ``in_idx`` order)."""
         g = self.g
-        if self.groups == 1:
+        if not self.depthwise:
             if self.packed is not None:
                 return _PREPACKED.conv2d_run(values, self.packed)
             return g.conv(values, self._run_weight, self.bias)
