@@ -11,8 +11,8 @@ from test_engine import noise_images, toy
 
 import ftwt_cli.cli.evaluate  # noqa: F401 - registers `ftwt eval` on the app
 from ftwt_cli.core.flops import FlopsCounter
-from ftwt_cli.engine import build_engine
-from ftwt_cli.engine.latency import latency_report
+from ftwt_cli.engine import build_engine, folded_dense
+from ftwt_cli.engine.latency import latency_report, prepared_engine
 from ftwt_cli.io import loading
 from ftwt_cli.io.checkpoint import save_checkpoint
 from ftwt_cli.io.config import resolve
@@ -120,7 +120,9 @@ def test_eval_latency_batch_size_reports_batched_throughput_and_prototypes(run_c
     row = latency["batched"]["4"]
     assert row["dense_images_per_s"] > 0 and row["engine_images_per_s"] > 0 and row["speedup"] > 0
     assert latency["prototypes"]["memory_cap_mb"] == 16 and latency["prototypes"]["fitted_on"] > 0
-    assert latency["prototype_use"]["memory_mb"] <= 16 and 0 <= latency["prototype_use"]["coverage"] <= 1
+    use = latency["prototype_use"]
+    assert use["memory_mb"] <= 16
+    assert use["coverage"] is None or 0 <= use["coverage"] <= 1  # None: the measured choice ran no prototype (dense layers)
     assert "batch 4" in result.stderr and "engine prototypes" in result.stderr
 
 
@@ -135,3 +137,18 @@ def test_checkpoint_prototypes_are_used_by_eval_latency(run_cli, tmp_path):
     result = run_cli("eval", "--profile", "smoke", "--checkpoint", tmp_path / "p.pt", "--samples", "8", "--latency", "--latency-samples", "2", "--json")
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["models"][0]["latency"]["prototypes"]["source"] == "checkpoint"
+
+
+def test_report_times_other_models_beside_and_compares_with_the_gated_model():
+    model = toy("resnet", 32)
+    images = noise_images(32, 4)
+    layout = noise_images(32, 3) * 0.5
+    engine = prepared_engine(model, (32, 32), layout)
+    assert engine.fitted["fitted_on"] == 3
+    other = folded_dense(model, (32, 32))
+    for threads in (1, 2):  # one fitted engine, its choices made again per thread count
+        report = latency_report(model, images, threads=threads, warmup=1, layout_images=layout, others={"static": other}, engine=engine)
+        assert report["threads"] == threads and report["static_ms"] > 0 and report["static_p90_ms"] >= report["static_ms"]
+        assert report["engine_over_static"] == pytest.approx(report["engine_ms"] / report["static_ms"])
+        assert report["max_rel_error"] < 1e-5 and report["mask_mismatches"] == 0
+        assert report["prototypes"]["fitted_on"] == 3
