@@ -44,6 +44,10 @@ def test_cover_picks_the_cheapest_superset_by_bit_test():
     masks = np.array([[1, 0, 0, 0, 0], [1, 0, 1, 0, 0], [0, 0, 0, 0, 1], [1, 0, 0, 0, 1]], dtype=bool)
     chosen = table.cover(masks)
     assert [table.sets[k].sum() if k >= 0 else -1 for k in chosen] == [2, 4, 3, -1]
+    assert [table.cover_one(m) for m in masks] == chosen.tolist()  # the batch-1 bit test agrees
+    wide = Prototypes(np.random.default_rng(1).random((5, 300)) < 0.8)  # more than one 64-bit word
+    many = np.random.default_rng(2).random((40, 300)) < 0.3
+    assert [wide.cover_one(m) for m in many] == wide.cover(many).tolist()
     for k, mask in zip(chosen, masks):
         if k >= 0:
             assert not (mask & ~table.sets[k]).any()

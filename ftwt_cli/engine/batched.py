@@ -88,11 +88,12 @@ def conv(step: ConvStep, value: Grouped) -> Grouped:
             out.append((rows, _masked_dense(step, x, masks)))
             continue
         cover = step.prototypes.cover(masks)
+        cover[masks.all(axis=1)] = -2  # every filter kept: the whole conv, not a miss
         for k in np.unique(cover):
             chosen = np.flatnonzero(cover == k)
             part = _images(x, chosen)
             y = step.covered(part, masks[chosen], int(k)) if k >= 0 else None
-            if k < 0:
+            if k == -1:
                 step.counts["uncovered"] += chosen.size
             out.append((rows[chosen], y if y is not None else _masked_dense(step, part, masks[chosen])))
     if step.last_masks is not None:

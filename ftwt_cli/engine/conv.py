@@ -127,8 +127,8 @@ class ConvStep:
     def compute(self, x: Compact, mask: np.ndarray | None) -> Compact:
         """The conv's output for input ``x`` (batch 1), keeping the filters in ``mask`` (None: all)."""
         g = self.geometry
-        if self.prototypes is not None and self.sparse and mask is not None and (g.groups == 1 or g.depthwise):
-            k = int(self.prototypes.cover(mask[None])[0])
+        if self.prototypes is not None and self.sparse and mask is not None and (g.regular or g.depthwise) and not mask.all():
+            k = self.prototypes.cover_one(mask)
             if k >= 0:
                 y = self.covered(x, mask[None], k)
                 if y is not None:

@@ -40,6 +40,7 @@ class Prototypes:
         self.tidx = [torch.from_numpy(i) for i in self.idx]
         self.keys = [s.tobytes() for s in self.sets]
         self.outside = np.packbits(~self.sets, axis=1)  # [K, C/8]: the channels each prototype lacks
+        self.outside_bits = [int.from_bytes(row.tobytes(), "big") for row in self.outside]  # the same, as ints
 
     def __len__(self) -> int:
         return len(self.sets)
@@ -47,6 +48,14 @@ class Prototypes:
     @property
     def width(self) -> int:
         return self.sets.shape[1]
+
+    def cover_one(self, mask: np.ndarray) -> int:
+        """:meth:`cover` of one mask (bool [C]) with Python ints as bit sets (a few µs at batch 1)."""
+        bits = int.from_bytes(np.packbits(mask).tobytes(), "big")
+        for k, outside in enumerate(self.outside_bits):
+            if not bits & outside:
+                return k
+        return -1
 
     def cover(self, masks: np.ndarray) -> np.ndarray:
         """int [n]: per mask (bool [n, C]), the cheapest prototype holding all its channels, or -1."""
