@@ -106,7 +106,7 @@ def _masked_dense(step: ConvStep, x: Compact, masks: np.ndarray | None) -> Compa
     g = step.geometry
     step.counts["dense"] += 1
     y = step.full.run(x.dense()) if g.regular else g.conv(x.dense(), g.weight, g.bias, g.groups)
-    if masks is None:
+    if masks is None or masks.all():
         return Compact.of(y)
     union = masks.any(axis=0)
     idx = np.flatnonzero(union)

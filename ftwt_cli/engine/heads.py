@@ -9,8 +9,9 @@ block's own rule, as :class:`~ftwt_cli.core.gating.GatedBlock` applies it: logit
 of its codebook that agrees best with the logits, or a predefined signature's top count.
 
 The pooled input is computed once per compact input (heads of convs that read the same tensor share it),
-and the matrix product runs in torch, on torch's threads (numpy's BLAS keeps a thread pool of its own
-that competes with torch's for the same cores).
+and the matrix product runs in torch, on torch's threads: numpy's BLAS keeps a thread pool of its own
+that competes with torch's for the same cores. Only heads too small for that pool to start
+(:data:`SMALL_HEAD`) run in numpy, whose calls cost less than torch's at batch 1.
 """
 
 from __future__ import annotations
@@ -40,6 +41,11 @@ def global_max(values: torch.Tensor) -> torch.Tensor:
     return rows.amax(dim=1).view(n, k, c).amax(dim=1)
 
 
+#: Heads with at most this many weights (C_in · C_out) run in numpy at batch 1: OpenBLAS runs a
+#: matrix-vector product that small on the calling thread (its threshold is 2304 · 4 elements).
+SMALL_HEAD = 9216
+
+
 class EngineHead:
     """One block's decision head, ready to decide on compact block inputs (one or several images)."""
 
@@ -52,6 +58,8 @@ class EngineHead:
             self.softmax = bool(softmax)
             self.weight_t = weight.to(torch.float32).t().contiguous()  # [C_in, C_out]: pooled rows @ it
             self.bias = bias.to(torch.float32).clone()
+            self.small = weight.numel() <= SMALL_HEAD
+            self.np_weight, self.np_bias = self.weight_t.numpy(), self.bias.numpy()
         # Which pooling: the paper's two kinds share a cache entry with every head pooling the same way.
         overridden = type(head).pool is not DecisionHead.pool
         self.pool_key = (type(head), id(head)) if overridden else head.pool_kind
@@ -108,4 +116,10 @@ class EngineHead:
 
     def output_mask(self, x: Compact) -> np.ndarray:
         """bool [C_out] for a batch-1 input."""
+        if self.fast and self.small and self.codebook is None and self.keep_count is None:
+            pooled = self.pooled(x).numpy()[0]
+            if self.softmax:
+                pooled = np.exp(pooled - pooled.max())
+                pooled /= pooled.sum()
+            return (pooled @ self.np_weight + self.np_bias) > 0
         return self.output_masks(x)[0]
