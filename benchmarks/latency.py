@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import CIFAR10_MINI  # noqa: E402 - benchmarks/ is on sys.path when run as a script
+from _common import CIFAR10_MINI
 from _latency_models import TRAIN_TARGET, family, static_model, trained
 
 from ftwt_cli.console import console, emit_json

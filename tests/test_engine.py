@@ -15,8 +15,7 @@ from ftwt_cli import engine as engine_mod
 from ftwt_cli.core.flops import FlopsCounter
 from ftwt_cli.core.gating import FTWTModel
 from ftwt_cli.core.heads import DecisionHead, HeadSpec
-from ftwt_cli.engine import build_engine, folded_dense
-from ftwt_cli.engine import nodes
+from ftwt_cli.engine import build_engine, folded_dense, nodes
 from ftwt_cli.engine.latency import latency_report
 from ftwt_cli.engine.liveness import writable_operands
 from ftwt_cli.io import loading

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import pandas as pd
 import typer
@@ -60,10 +60,10 @@ def eval_command(
     data: DataOpt = None,
     checkpoint: CheckpointOpt = None,
     compare: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Option("--compare", help="Another checkpoint to evaluate on the same inputs (repeatable)."),
     ] = None,
-    samples: Annotated[Optional[int], typer.Option("--samples", help="Cap on test images (0: all).")] = None,
+    samples: Annotated[int | None, typer.Option("--samples", help="Cap on test images (0: all).")] = None,
     batch_size: BatchOpt = None,
     device: DeviceOpt = None,
     seed: SeedOpt = None,
@@ -74,13 +74,13 @@ def eval_command(
         bool, typer.Option("--brier-noise", help="Brier score and top-1 under Gaussian blur and noise (Table 3).")
     ] = False,
     blur_sigmas: Annotated[
-        Optional[str], typer.Option("--blur-sigmas", help="Comma list of blur σ (pixels); implies --brier-noise.")
+        str | None, typer.Option("--blur-sigmas", help="Comma list of blur σ (pixels); implies --brier-noise.")
     ] = None,
     noise_sigmas: Annotated[
-        Optional[str], typer.Option("--noise-sigmas", help="Comma list of noise σ on [0, 1] pixels; implies --brier-noise.")
+        str | None, typer.Option("--noise-sigmas", help="Comma list of noise σ on [0, 1] pixels; implies --brier-noise.")
     ] = None,
-    csv: Annotated[Optional[str], typer.Option("--csv", help="Folder for one CSV per table.")] = None,
-    plots: Annotated[Optional[str], typer.Option("--plots", help="Folder for the PNG figures.")] = None,
+    csv: Annotated[str | None, typer.Option("--csv", help="Folder for one CSV per table.")] = None,
+    plots: Annotated[str | None, typer.Option("--plots", help="Folder for the PNG figures.")] = None,
     latency: Annotated[bool, typer.Option("--latency", help="Also measure CPU latency, dense vs sparse engine.")] = False,
     latency_samples: Annotated[int, typer.Option("--latency-samples", help="Test images timed.")] = 200,
     threads: Annotated[int, typer.Option("--threads", help="CPU threads for the latency measurement.")] = 1,

@@ -29,10 +29,10 @@ class Grouped:
         self.size = size
 
     @staticmethod
-    def of(x: torch.Tensor) -> "Grouped":
+    def of(x: torch.Tensor) -> Grouped:
         return Grouped([(np.arange(x.shape[0]), Compact.of(x))], x.shape[0])
 
-    def map(self, fn) -> "Grouped":
+    def map(self, fn) -> Grouped:
         return Grouped([(rows, fn(c)) for rows, c in self.parts], self.size)
 
 

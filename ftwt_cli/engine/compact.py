@@ -29,7 +29,7 @@ class Compact:
     non-zero values. ``pooled`` caches the heads' pooled inputs, so heads reading the same input pool once.
     """
 
-    __slots__ = ("values", "idx", "tidx", "mask", "width", "_key", "pooled")
+    __slots__ = ("_key", "idx", "mask", "pooled", "tidx", "values", "width")
 
     def __init__(self, values: torch.Tensor, idx: np.ndarray, tidx: torch.Tensor, mask: np.ndarray, width: int, key: bytes | None = None):
         self.values = values
@@ -50,7 +50,7 @@ class Compact:
     def full(self) -> bool:
         return self.values.shape[1] == self.width
 
-    def with_values(self, values: torch.Tensor) -> "Compact":
+    def with_values(self, values: torch.Tensor) -> Compact:
         """The same channels holding new values (a channel-wise op's result)."""
         return Compact(values, self.idx, self.tidx, self.mask, self.width, self._key)
 
@@ -61,18 +61,18 @@ class Compact:
         return put_channels(out, self.tidx, self.values)
 
     @staticmethod
-    def of(x: torch.Tensor) -> "Compact":
+    def of(x: torch.Tensor) -> Compact:
         idx, tidx, mask, key = all_channels(x.shape[1])
         return Compact(x, idx, tidx, mask, x.shape[1], key)
 
     @staticmethod
-    def from_mask(values: torch.Tensor, mask: np.ndarray, idx: np.ndarray | None = None) -> "Compact":
+    def from_mask(values: torch.Tensor, mask: np.ndarray, idx: np.ndarray | None = None) -> Compact:
         if idx is None:
             idx = np.flatnonzero(mask)
         return Compact(values, idx, torch.from_numpy(idx), mask, mask.size)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def all_channels(width: int) -> tuple[np.ndarray, torch.Tensor, np.ndarray, bytes]:
     """(idx, tidx, mask, key) of a full-width activation; shared, never written to."""
     idx = np.arange(width, dtype=np.int64)

@@ -20,18 +20,17 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ftwt_cli.core.gating import GatedBlock
 from ftwt_cli.core.heads import DecisionHead
-from ftwt_cli.engine import cost
+from ftwt_cli.engine import cost, percall
 from ftwt_cli.engine.cache import WeightCache
 from ftwt_cli.engine.compact import Compact, all_channels, put_channels, take_channels, zeros_like_format
-from ftwt_cli.engine.core import StaticCore, fit, run_core
+from ftwt_cli.engine.core import StaticCore, fit
 from ftwt_cli.engine.geometry import ConvGeometry
 from ftwt_cli.engine.heads import EngineHead
 from ftwt_cli.engine.prototypes import Prototypes
-from ftwt_cli.engine.subconv import SubConv
+from ftwt_cli.engine.subconv import EngineMemory, SubConv
 
 #: Conv strategies for masks no prototype covers (``build_engine(strategy=...)``): "auto" picks per call
 #: from the cost model; "core" needs :meth:`SparseEngine.fit_layout` (it falls back to "slice" where the
@@ -40,29 +39,6 @@ STRATEGIES = ("auto", "slice", "rows", "dense", "core")
 
 #: Per-path call counters kept by every step.
 COUNTERS = ("proto", "proto_built", "uncovered", "over_cap", "slice_hit", "slice_miss", "rows_hit", "rows_miss", "dense", "core", "core_extra")
-
-#: PyTorch runs a batch-1 fp32 conv with kernels up to 3×3 through im2col + GEMM instead of oneDNN when
-#: its input holds at most this many elements; only oneDNN builds a kernel per shape, so only its
-#: layers gain from padding sliced shapes up to buckets.
-ONEDNN_MIN_INPUT = 20480
-
-
-class EngineMemory:
-    """The byte budget every step's pre-sliced sub-convs share (``--engine-memory-mb``)."""
-
-    def __init__(self, budget_mb: float) -> None:
-        self.budget = int(budget_mb * 2**20)
-        self.used = 0
-
-    def take(self, nbytes: int) -> bool:
-        if self.used + nbytes > self.budget:
-            return False
-        self.used += nbytes
-        return True
-
-    def give(self, nbytes: int) -> None:
-        self.used -= nbytes
-
 
 class ConvStep:
     """A BN-folded conv (its :class:`ConvGeometry`), optionally gated by a decision head that runs on the
@@ -216,81 +192,10 @@ class ConvStep:
         return y if ko == self.geometry.out_channels else take_channels(y, toidx)
 
     def _sparse(self, x: Compact, mask, oidx, toidx, okey, ko: int, ki: int, full_in: bool) -> torch.Tensor:
-        g = self.geometry
-        cache, strategy = self.cache, self.strategy
-        if okey is None and cache.budget > 0:
-            okey = mask.tobytes()
-        key = (self.key, okey, x.key) if cache.budget > 0 else None
-        sliced = None if key is None or strategy in ("rows", "dense", "core") else cache.lookup(key)
-        if key is not None:  # how often this layer's masks repeat, whichever path served them
-            self.lookups += 1
-            if key in self.seen_keys:
-                self.repeats += 1
-            elif len(self.seen_keys) < 4096:
-                self.seen_keys.add(key)
-        if sliced is not None:
-            self.counts["slice_hit"] += 1
-            return self._run_sliced(x, sliced, ko)
-        core = self.core if self.core is not None and self.core.serves(x) else None
-        if strategy == "core":
-            if core is not None:
-                return run_core(g, x, oidx, ko, ki, core, self.counts)
-            strategy = "slice"  # an input outside the core is active: the core cannot serve this call
-        if strategy == "auto":
-            # A slice is stored and reused when the masks repeat: the chance they do not.
-            fresh = 1.0 - (self.repeats + 1) / (self.lookups + 2) if cache.budget > 0 else 1.0
-            rows_cached = key is not None and (self.key, okey) in cache.entries
-            strategy = cost.choose(g, self.costs, fresh, self.gather_cost, rows_cached, ko, ki, mask, core)
-            if strategy == "core":
-                return run_core(g, x, oidx, ko, ki, core, self.counts)
-        if strategy == "slice":
-            self.counts["slice_miss"] += 1
-            sliced = self._slice(x, oidx, toidx, ko, ki, full_in)
-            if key is not None:
-                cache.store(key, sliced)
-            return self._run_sliced(x, sliced, ko)
-        if strategy == "rows":
-            row_key = (self.key, okey) if key is not None else None
-            sliced = None if row_key is None else cache.lookup(row_key, count=False)
-            if sliced is None:
-                self.counts["rows_miss"] += 1
-                sliced = (g.filters.index_select(0, toidx).view(ko, *g.weight.shape[1:]), g.bias.index_select(0, toidx))
-                if row_key is not None:
-                    cache.store(row_key, sliced)
-            else:
-                self.counts["rows_hit"] += 1
-            return g.conv(x.dense(), *sliced)
-        self.counts["dense"] += 1
-        return self._dense(x, ko, toidx)
-
-    def _slice(self, x: Compact, oidx, toidx, ko: int, ki: int, full_in: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weight, bias) of the kept filters × active inputs. Where the conv runs on oneDNN (which
-        builds a kernel per shape), the filters are padded with zero rows up to a shape bucket; the
-        inputs are never padded (that would copy the activation on every call)."""
-        g = self.geometry
-        if full_in:
-            weight = g.filters.index_select(0, toidx).view(ko, *g.weight.shape[1:])
-        else:
-            rows = (oidx[:, None] * g.in_per_group + x.idx[None, :]).ravel()
-            weight = g.rows.index_select(0, torch.from_numpy(rows)).view(ko, ki, *g.weight.shape[2:])
-        bias = g.bias.index_select(0, toidx)
-        padded = min(g.out_channels, -(-ko // g.bucket_out) * g.bucket_out)
-        if padded == ko or not self._on_onednn(ki):
-            return weight, bias
-        return F.pad(weight, (0, 0, 0, 0, 0, 0, 0, padded - ko)), F.pad(bias, (0, padded - ko))
+        return percall.sparse(self, x, mask, oidx, toidx, okey, ko, ki, full_in)
 
     def _on_onednn(self, ki: int) -> bool:
-        """Whether PyTorch would run this conv at batch 1 with ``ki`` inputs on oneDNN (its ``use_mkldnn`` rule)."""
-        g = self.geometry
-        kh, kw = g.weight.shape[2:]
-        if kh == kw == 1 and g.stride == (1, 1) and torch.get_num_threads() == 1:
-            return False
-        return (kh > 3 and kw > 3) or ki * g.in_shape[2] * g.in_shape[3] > ONEDNN_MIN_INPUT
-
-    def _run_sliced(self, x: Compact, sliced: tuple[torch.Tensor, torch.Tensor], ko: int) -> torch.Tensor:
-        """The sliced conv on the compact input; padding filters' outputs are cut off (a view)."""
-        y = self.geometry.conv(x.values, *sliced)
-        return y if y.shape[1] == ko else y[:, :ko]
+        return percall.on_onednn(self.geometry, ki)
 
     def _depthwise(self, x: Compact, mask: np.ndarray | None) -> Compact:
         g = self.geometry

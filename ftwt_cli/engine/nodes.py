@@ -116,7 +116,7 @@ def _channelwise(engine, node: torch.fx.Node, module: nn.Module | None):
     elif node.op == "call_function":
         op = node.target
     else:
-        op = lambda v, *a, **k: getattr(v, node.target)(*a, **k)  # noqa: E731
+        op = lambda v, *a, **k: getattr(v, node.target)(*a, **k)
     rest = tuple(rest)
 
     def run(s):
@@ -140,7 +140,7 @@ def _dense_node(engine, node: torch.fx.Node, module: nn.Module | None):
     elif node.op == "call_function":
         op = node.target
     else:
-        op = lambda self_, *a, **k: getattr(self_, node.target)(*a, **k)  # noqa: E731
+        op = lambda self_, *a, **k: getattr(self_, node.target)(*a, **k)
 
     def run(s):
         args = map_arg(node.args, lambda n: as_dense(s[slot[n]]))

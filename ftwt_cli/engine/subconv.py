@@ -24,6 +24,23 @@ _PREPACKED = getattr(torch.ops, "mkldnn_prepacked", None)
 PACKED_MARGIN = 0.03
 
 
+class EngineMemory:
+    """The byte budget every step's pre-sliced sub-convs share (``--engine-memory-mb``)."""
+
+    def __init__(self, budget_mb: float) -> None:
+        self.budget = int(budget_mb * 2**20)
+        self.used = 0
+
+    def take(self, nbytes: int) -> bool:
+        if self.used + nbytes > self.budget:
+            return False
+        self.used += nbytes
+        return True
+
+    def give(self, nbytes: int) -> None:
+        self.used -= nbytes
+
+
 def packing_available() -> bool:
     try:
         return _PREPACKED is not None and hasattr(_PREPACKED, "conv2d_prepack") and torch.backends.mkldnn.is_available()

@@ -8,9 +8,9 @@ pass of :mod:`ftwt_cli.algorithms.evaluation`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -35,7 +35,7 @@ class EvaluatedModel:
     evaluand: Evaluand
 
     @classmethod
-    def of(cls, loaded: loading.LoadedModel, label: str, device: torch.device) -> "EvaluatedModel":
+    def of(cls, loaded: loading.LoadedModel, label: str, device: torch.device) -> EvaluatedModel:
         """``loaded`` on ``device``, judged against its checkpoint's own target rule."""
         return cls(loaded, label, Evaluand(loaded.model.to(device), loaded.target(), tuple(loaded.meta["input_size"])))
 
