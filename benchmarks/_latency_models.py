@@ -13,8 +13,10 @@ from __future__ import annotations
 import csv
 import json
 import os
+import resource
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +27,8 @@ from ftwt_cli.console import console
 from ftwt_cli.models import create_model
 
 ROOT = Path(__file__).resolve().parent.parent
+#: Wall and CPU seconds the CLI runs of this process took (training and calibration).
+SPENT = {"wall_s": 0.0, "cpu_s": 0.0}
 TRAIN_TARGET = 52  # --target-flops of the FTWT runs
 #: A head-loss fall below this fraction between epochs counts as having stopped.
 PLATEAU = 0.03
@@ -84,7 +88,14 @@ def _ftwt(args: list[str], data: str | None, profile: Path | None) -> None:
         command += ["--profile", str(profile), "--data", data]
     console.print("running " + " ".join(command[2:]), highlight=False)
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.time()
     subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, env=env)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    SPENT["wall_s"] += time.time() - started
+    SPENT["cpu_s"] += cpu
+    console.print(f"  {time.time() - started:.0f} s wall, {cpu:.0f} s CPU; load {os.getloadavg()[0]:.2f}", highlight=False)
 
 
 def head_losses(run: Path) -> list[float]:

@@ -19,7 +19,8 @@ difference from the gated model; at the level nearest 50 %, batched throughput a
 
 ``--json`` prints ``{model: {flops_reduction_pct, latency_reduction_pct, ratio, dense_ms, engine_ms,
 static_ms, static_flops_reduction_pct, engine_over_static, ..., levels: [...], batched: {...}}, "goals":
-{...}}``: each model's top-level figures are its level nearest 52 % at the first thread count.
+{...}, "run": {wall_s, cli_wall_s, cli_cpu_s}}``: each model's top-level figures are its level nearest
+52 % at the first thread count.
 
     python benchmarks/latency.py --quick --json > latency.json
 """
@@ -33,7 +34,7 @@ from pathlib import Path
 
 import torch
 from _common import CIFAR10_MINI
-from _latency_models import TRAIN_TARGET, family, static_model, trained
+from _latency_models import SPENT, TRAIN_TARGET, family, static_model, trained
 
 from ftwt_cli.console import console, emit_json
 from ftwt_cli.core.flops import FlopsCounter
@@ -221,9 +222,14 @@ def main() -> None:
     for key, goal in summary.items():
         if goal is not None:
             console.print(f"goal {key}: {goal['measured']:.2f} (goal {goal['goal']:g}) {'met' if goal['met'] else 'NOT met'}", highlight=False)
-    console.print(f"load average after: {os.getloadavg()}; {time.time() - start:.0f} s", highlight=False)
+    wall = time.time() - start
+    console.print(
+        f"load average after: {os.getloadavg()}; {wall:.0f} s in all, of which the CLI runs (training, calibration) "
+        f"{SPENT['wall_s']:.0f} s wall, {SPENT['cpu_s']:.0f} s CPU",
+        highlight=False,
+    )
     if args.json:
-        emit_json({**results, "goals": summary})
+        emit_json({**results, "goals": summary, "run": {"wall_s": wall, "cli_wall_s": SPENT["wall_s"], "cli_cpu_s": SPENT["cpu_s"]}})
 
 
 if __name__ == "__main__":

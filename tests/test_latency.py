@@ -144,7 +144,7 @@ def test_report_times_other_models_beside_and_compares_with_the_gated_model():
     images = noise_images(32, 4)
     layout = noise_images(32, 3) * 0.5
     engine = prepared_engine(model, (32, 32), layout)
-    assert engine.fitted["fitted_on"] == 3
+    assert engine.fitted["fitted_on"] == 3  # too few to keep the calibration images apart
     other = folded_dense(model, (32, 32))
     for threads in (1, 2):  # one fitted engine, its choices made again per thread count
         report = latency_report(model, images, threads=threads, warmup=1, layout_images=layout, others={"static": other}, engine=engine)

@@ -60,17 +60,20 @@ def prepared_engine(
     memory_mb: float = DEFAULT_MEMORY_MB,
     prototypes: dict | None = None,
 ) -> SparseEngine:
-    """An engine with its pre-sliced sub-networks fitted on ``layout_images`` (or ``prototypes`` sliced
-    on them) and its static cores; its format, per-layer and whole-engine choices are left to
+    """An engine with its pre-sliced sub-networks fitted on ``layout_images`` (all but the first
+    ``CALIBRATION_IMAGES`` when there are twice as many; or ``prototypes`` sliced on them) and its static cores; its format, per-layer and whole-engine choices are left to
     :func:`latency_report` (they depend on the thread count). ``engine.fitted`` / ``engine.layout``
     say what was fitted."""
     engine = build_engine(model, input_size, cache_mb=cache_mb, calibrate=calibrate, layers="sparse", fallback=False, memory_mb=memory_mb, channels_last=False)
     engine.fitted = {}
+    # The first CALIBRATION_IMAGES make the timed choices: fitted on the others, so that the choices see
+    # masks the prototypes were not fitted on, as the timed images are.
+    fit_on = layout_images[CALIBRATION_IMAGES:] if len(layout_images) >= 2 * CALIBRATION_IMAGES else layout_images
     if isinstance(model, FTWTModel) and prototypes is not None:
-        engine.load_prototypes(prototypes, layout_images if len(layout_images) else None)
+        engine.load_prototypes(prototypes, fit_on if len(fit_on) else None)
         engine.fitted = engine.prototype_report()
-    elif isinstance(model, FTWTModel) and len(layout_images):
-        engine.fitted = engine.fit_prototypes(layout_images)
+    elif isinstance(model, FTWTModel) and len(fit_on):
+        engine.fitted = engine.fit_prototypes(fit_on)
     engine.layout = engine.fit_layout(layout_images) if len(layout_images) else {}
     return engine
 
