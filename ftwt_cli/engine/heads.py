@@ -114,10 +114,28 @@ class EngineHead:
             return top_count_mask(logits, self.keep_count).numpy()
         return (logits > 0).numpy()
 
+    def pooled_one(self, x: Compact) -> np.ndarray:
+        """:meth:`pooled` of a batch-1 input as a numpy vector [C_in] (scattered in numpy: cheaper)."""
+        cache = x.pooled
+        if cache is None:
+            cache = x.pooled = {}
+        key = ("numpy", self.pool_key)
+        found = cache.get(key)
+        if found is None:
+            if x.full or self.pool_key in cache:
+                found = self.pooled(x).numpy()[0]
+            else:
+                values = x.values
+                kept = global_max(values) if self.pool_key == "max" else values.mean(dim=(2, 3)) if self.pool_key == "avg" else self.head.pool(values)
+                found = np.zeros(x.width, dtype=np.float32)
+                found[x.idx] = kept.to(torch.float32).numpy()[0]
+            cache[key] = found
+        return found
+
     def output_mask(self, x: Compact) -> np.ndarray:
         """bool [C_out] for a batch-1 input."""
         if self.fast and self.small and self.codebook is None and self.keep_count is None:
-            pooled = self.pooled(x).numpy()[0]
+            pooled = self.pooled_one(x)
             if self.softmax:
                 pooled = np.exp(pooled - pooled.max())
                 pooled /= pooled.sum()
