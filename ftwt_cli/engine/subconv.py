@@ -110,26 +110,40 @@ class SubConv:
         return self.weight[0].numel() * g.out_hw[0] * g.out_hw[1] if self.weight.shape[0] else 0
 
     def prepare(self, channels_last: bool, choose_kernel: bool = True, reps: int = 3) -> None:
-        """Lay the weights out for the engine's memory format and, in the default format, time the plain
-        and the pre-packed kernel once (``choose_kernel``) and keep the faster."""
+        """Lay the weights out for the engine's memory format: a channels-last copy, or in the default
+        format the pre-packed kernel where it was timed faster (timed once, with ``choose_kernel``, on
+        first use of the default format; the decision is kept across format switches, the layouts are
+        not: one other layout at a time)."""
         if channels_last == self.channels_last and (self.timed or not choose_kernel):
             return
         self.channels_last = channels_last
-        self.packed, self.kernel = None, "conv2d"
-        self._run_weight = self.weight.contiguous(memory_format=torch.channels_last) if channels_last and self.weight.dim() == 4 else self.weight
-        if channels_last or self.depthwise or not choose_kernel or not packing_available() or self.weight.shape[0] == 0:
-            self.timed = choose_kernel
+        self.packed = None
+        if channels_last:
+            self._run_weight = self.weight.contiguous(memory_format=torch.channels_last) if self.weight.dim() == 4 else self.weight
             return
+        self._run_weight = self.weight
+        if self.depthwise or not packing_available() or self.weight.shape[0] == 0:
+            self.timed = self.timed or choose_kernel
+            return
+        if not self.timed and not choose_kernel:
+            return
+        packed = self._pack()
+        if packed is not None and not self.timed:
+            self.kernel = "packed" if self._packed_faster(packed, reps) else "conv2d"
+        self.timed = True
+        self.packed = packed if self.kernel == "packed" else None
+
+    def _pack(self):
         g = self.g
         shape = [1, int(self.in_idx.size), *g.in_shape[2:]]
         try:
-            packed = _PREPACKED.conv2d_prepack(
-                self.weight, self.bias, list(g.stride), list(g.padding), list(g.dilation), 1, shape, "none"
-            )  # fmt: skip
-        except RuntimeError:  # a shape oneDNN will not pack: keep the plain kernel
-            self.timed = True
-            return
-        x = torch.zeros(shape, dtype=self.weight.dtype)
+            return _PREPACKED.conv2d_prepack(self.weight, self.bias, list(g.stride), list(g.padding), list(g.dilation), 1, shape, "none")
+        except RuntimeError:  # a shape oneDNN will not pack: the plain kernel
+            return None
+
+    def _packed_faster(self, packed, reps: int) -> bool:
+        g = self.g
+        x = torch.zeros([1, int(self.in_idx.size), *g.in_shape[2:]], dtype=self.weight.dtype)
         plain_us = packed_us = float("inf")
         for round_ in range(2):  # alternated, so that drifting load hits both
             for kind in ("plain", "packed") if round_ == 0 else ("packed", "plain"):
@@ -137,9 +151,7 @@ class SubConv:
                     plain_us = min(plain_us, _best_us(lambda: g.conv(x, self.weight, self.bias), reps))
                 else:
                     packed_us = min(packed_us, _best_us(lambda: _PREPACKED.conv2d_run(x, packed), reps))
-        if packed_us < (1.0 - PACKED_MARGIN) * plain_us:
-            self.packed, self.kernel = packed, "packed"
-        self.timed = True
+        return packed_us < (1.0 - PACKED_MARGIN) * plain_us
 
     def run(self, values: torch.Tensor) -> torch.Tensor:
         """The sub-conv of ``values`` [n, |in|, H, W] (the input channels in ``in_idx`` order)."""
