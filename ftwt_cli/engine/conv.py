@@ -152,12 +152,13 @@ class ConvStep:
             self.pair_counts[pair] = self.pair_counts.get(pair, 0) + len(masks)
         self.counts["proto"] += len(masks)
         y = sub.run(x.values)
-        keep = masks[:, table.idx[k]]
-        extra = int(keep.size - np.count_nonzero(keep))
-        if extra:  # the prototype's channels this mask drops: zero, as the gated model's y · mask does
+        idx = table.idx[k]
+        # A prototype holds every channel of its masks: the same count means the same set, nothing to zero.
+        extra = idx.size * len(masks) - int(np.count_nonzero(masks))
+        if extra:  # the prototype's channels a mask drops: zero, as the gated model's y · mask does
+            keep = masks[:, idx]
             y = y.mul_(torch.from_numpy(keep.astype(np.float32)).view(*keep.shape, 1, 1))
             self.extra_macs += extra * sub.macs_per_channel
-        idx = table.idx[k]
         return Compact(y, idx, table.tidx[k], table.sets[k], self.geometry.out_channels, table.keys[k])
 
     def build(self, k: int, x: Compact) -> SubConv | None:
