@@ -37,7 +37,7 @@ PLATEAU = 0.03
 #: the engine's prototypes are fitted on them).
 PROFILE = """description = "benchmarks/latency.py: short training runs whose heads give real masks"
 batch_size = 32
-test_samples = 64
+test_samples = 32
 workers = 0
 val_fraction = 0.2
 ratios = "0.30:1.00:0.01"
@@ -72,7 +72,7 @@ class Recipe:
 RECIPES = {
     ("cifar", True): Recipe(1024, 6, 3, 3),
     ("cifar", False): Recipe(2560, 15, 4, 6),
-    ("imagenet", True): Recipe(320, 2, 3, 2),
+    ("imagenet", True): Recipe(320, 1, 3, 2),
     ("imagenet", False): Recipe(640, 4, 4, 4),
 }
 
@@ -144,9 +144,11 @@ def trained(model: str, directory: Path, quick: bool, levels: list[float], data:
     if not (dense_run / "best.pt").is_file():
         _ftwt(["train", "--model", model, "--dense", "--samples", str(recipe.images), "--epochs", str(recipe.dense_epochs), "--out", str(dense_run)], data, profile)
     out = {"dense": dense_run / "best.pt", "recipe": recipe.tag, "training": {}}
-    for variant, extra, wanted in (("default", [], levels), ("head_norm", ["--head-norm"], head_norm_levels)):
+    # The head-norm runs only give the distinct-mask comparison: with --quick, one epoch after the warm-up.
+    norm_recipe = Recipe(recipe.images, recipe.dense_epochs, recipe.head_warmup, 1) if quick else recipe
+    for variant, extra, wanted, how in (("default", [], levels, recipe), ("head_norm", ["--head-norm"], head_norm_levels, norm_recipe)):
         run = directory / f"{model}-ftwt{TRAIN_TARGET}-{variant}-{recipe.tag}"
-        out["training"][variant] = train_until_plateau(model, run, dense_run / "best.pt", recipe, data, profile, extra)
+        out["training"][variant] = train_until_plateau(model, run, dense_run / "best.pt", how, data, profile, extra)
         out[variant] = {level: path for level in wanted if (path := calibrated(run, level, model, data, profile)) is not None}
     return out
 

@@ -80,15 +80,14 @@ def conv(step: ConvStep, value: Grouped) -> Grouped:
     step.last_masks = None if step.head is None else np.zeros((value.size, g.out_channels), dtype=bool)
     for rows, x in value.parts:
         masks = None if step.head is None else step.head.output_masks(x)
-        if masks is None:
-            out.append((rows, step.compute(x, None) if x.values.shape[0] == 1 else _masked_dense(step, x, None)))
+        if masks is None:  # no head: every image keeps every filter, one call serves the part
+            out.append((rows, step.compute(x, None)))
             continue
         step.last_masks[rows] = masks
         if step.prototypes is None or not step.sparse or not (g.regular or g.depthwise):
             out.append((rows, _masked_dense(step, x, masks)))
             continue
-        cover = step.prototypes.cover(masks)
-        cover[masks.all(axis=1)] = -2  # every filter kept: the whole conv, not a miss
+        cover = grouping(step, x, masks)
         for k in np.unique(cover):
             chosen = np.flatnonzero(cover == k)
             part = _images(x, chosen)
@@ -99,6 +98,38 @@ def conv(step: ConvStep, value: Grouped) -> Grouped:
     if step.last_masks is not None:
         step.last_mask = step.last_masks[-1]
     return Grouped(out, value.size)
+
+
+def grouping(step: ConvStep, x: Compact, masks: np.ndarray) -> np.ndarray:
+    """Per image of a part, the prototype it runs (-1: uncovered, -2: every filter kept; both take the
+    full conv). One call on the cheapest prototype covering every image's mask, unless splitting the
+    part by each image's own cheapest cover saves more than the calls it adds (a conv call has a fixed
+    cost, :data:`CALL_COST_MACS`; a split part also costs the copies of its groups and regroups at the
+    next residual add, charged as one more call)."""
+    table = step.prototypes
+    union = masks.any(axis=0)
+    together = -2 if union.all() else table.cover_one(union)
+    if len(masks) == 1:
+        return np.array([together if together != -1 else -1])
+    width = table.width
+    sizes = np.append(table.sizes, [width, width])  # index -1, -2: the full conv
+    g = step.geometry
+    per_channel = g.weight[0, 0].numel() * g.out_hw[0] * g.out_hw[1] * (1 if g.depthwise else x.idx.size)
+    call = CALL_COST_MACS / max(per_channel, 1)  # a call's fixed cost, in output channels of this conv
+    one = float(sizes[together]) * len(masks) + call
+    if one <= float(np.count_nonzero(masks)) + 4 * call:  # no split into two or more groups could do better
+        return np.full(len(masks), together if together != -1 else -2)
+    cover = table.cover(masks)
+    cover[masks.all(axis=1)] = -2
+    split = float(sizes[cover].sum()) + 2 * call * len(np.unique(cover))
+    if one <= split:
+        return np.full(len(masks), together if together != -1 else -2)
+    return cover
+
+
+#: The fixed cost of one conv call in MACs (~25 µs of a core), weighed against computing extra channels
+#: when a batch part could run as one call instead of several.
+CALL_COST_MACS = 1.0e6
 
 
 def _masked_dense(step: ConvStep, x: Compact, masks: np.ndarray | None) -> Compact:

@@ -35,6 +35,7 @@ class Prototypes:
             raise ValueError(f"prototype sets must be a non-empty [K, C] mask, got shape {sets.shape}")
         order = np.argsort(sets.sum(axis=1), kind="stable")
         self.sets = np.ascontiguousarray(sets[order])
+        self.sizes = self.sets.sum(axis=1)
         self.source = source
         self.idx = [np.flatnonzero(s) for s in self.sets]
         self.tidx = [torch.from_numpy(i) for i in self.idx]
