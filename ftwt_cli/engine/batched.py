@@ -2,11 +2,12 @@
 
 A batch travels as :class:`Grouped`: parts of (image indices, :class:`~ftwt_cli.engine.compact.Compact`
 holding those images), each part's images sharing one channel set. At a gated conv every image's head
-picks its cheapest covering prototype; the images of a part that share one run its pre-sliced sub-conv
-as one batched conv, and each image's extra channels are zeroed (the gated model's ``y · mask``). Images
-no prototype covers, and layers that run dense, take the full conv on their part with each image's
-mask applied. Residual adds regroup two operands to the parts they have in common. Outputs equal the
-gated model's, image by image.
+gives its mask; a part runs as one batched call on the cheapest prototype covering all its masks, or
+splits by each image's own cheapest prototype where that saves more than the calls it adds
+(:func:`grouping`); each image's extra channels are zeroed (the gated model's ``y · mask``). Images no
+prototype covers, and layers that run dense, take the full conv on their part with each image's mask
+applied. Residual adds regroup two operands to the parts they have in common. Outputs equal the gated
+model's, image by image.
 """
 
 from __future__ import annotations
