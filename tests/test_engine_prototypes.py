@@ -203,6 +203,12 @@ def test_codebook_prototypes_are_used_as_they_are(name):
         books.append(protos.float())
     model.set_codebooks(books)
     engine = check_equivalent(model, images, cache_mb=0.0, layers="sparse", fallback=False)
+    assert engine.prototype_report()["coverage"] == 1.0
+    for step in engine.steps:  # image by image, each runs its own prototype: nothing extra computed
+        step.counts, step.extra_macs = dict.fromkeys(step.counts, 0), 0
+    with torch.no_grad():
+        for image in images:
+            engine(image[None])
     report = engine.prototype_report()
     assert report["source"] == "codebook" and report["layers"] == len(model.blocks)
     assert report["coverage"] == 1.0 and report["extra_mac_pct"] == 0.0
@@ -241,3 +247,17 @@ def test_batched_throughput_reports_every_batch_size():
     for row in report.values():
         assert row["dense_images_per_s"] > 0 and row["engine_images_per_s"] > 0
         assert row["speedup"] == pytest.approx(row["engine_images_per_s"] / row["dense_images_per_s"])
+
+
+def test_rounding_up_to_the_channel_block_adds_the_most_often_kept_channels():
+    from ftwt_cli.engine.prototypes import round_up
+
+    frequency = np.linspace(1.0, 0.0, 40)  # channel 0 kept most often
+    small = np.zeros(40, dtype=bool)
+    small[[5, 30]] = True
+    grown = round_up([small, small.copy()], frequency, 16)
+    assert len(grown) == 1 and grown[0].sum() == 16 and grown[0][[5, 30]].all()
+    assert grown[0][:15].sum() == 14 + (5 < 15)  # the rest are the most often kept channels
+    nearly = np.ones(40, dtype=bool)
+    nearly[0] = False
+    assert round_up([nearly], frequency, 16) == []  # grown to the full set: no prototype needed

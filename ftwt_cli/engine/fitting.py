@@ -3,7 +3,8 @@
 1. The held-out images run once with every conv dense (the masks are exact whatever the path): each
    gated conv records its heads' masks and how many input channels it sees.
 2. :func:`~ftwt_cli.engine.prototypes.allocate` picks each conv's prototype sets under the cap
-   (a codebook's prototypes are taken as they are).
+   (a codebook's prototypes are taken as they are), rounded up to oneDNN's channel block on the convs
+   that run on it.
 3. The images run again on the prototypes: the (prototype, input channel set) pairs they use get their
    sub-convs sliced, counted; the least used are dropped until the cap holds.
 4. Every sub-conv is laid out for the engine's memory format and its kernel timed.
@@ -17,7 +18,8 @@ import numpy as np
 import torch
 
 from ftwt_cli.engine.conv import ConvStep
-from ftwt_cli.engine.prototypes import Prototypes, allocate, from_lists, to_lists
+from ftwt_cli.engine.percall import on_onednn
+from ftwt_cli.engine.prototypes import CHANNEL_BLOCK, Prototypes, allocate, from_lists, to_lists
 
 
 def gated_steps(engine) -> list[ConvStep]:
@@ -53,7 +55,8 @@ def fit_prototypes(engine, images: torch.Tensor, budget_bytes: float) -> dict:
         inputs = float(np.mean([m.sum() for _, m in seen])) if seen else float(g.in_per_group)
         per_channel = kernel * 4 * 2 * (1 if g.depthwise else inputs)  # two layouts reserved (see SubConv.nbytes)
         fixed = step.head.prototypes
-        layers.append({"masks": np.stack([m for m, _ in seen]), "macs": g.macs, "bytes_per_channel": per_channel, "fixed": fixed})
+        block = CHANNEL_BLOCK if on_onednn(g, int(round(inputs))) else 1
+        layers.append({"masks": np.stack([m for m, _ in seen]), "macs": g.macs, "bytes_per_channel": per_channel, "fixed": fixed, "block": block})
     for step, sets in zip(steps, allocate(layers, budget_bytes)):
         fixed = step.head.prototypes is not None
         step.set_prototypes(Prototypes(np.stack(sets), "codebook" if fixed else "fitted") if len(sets) else None)
