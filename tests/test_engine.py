@@ -15,9 +15,8 @@ from ftwt_cli import engine as engine_mod
 from ftwt_cli.core.flops import FlopsCounter
 from ftwt_cli.core.gating import FTWTModel
 from ftwt_cli.core.heads import DecisionHead, HeadSpec
-from ftwt_cli.engine import build_engine, folded_dense, nodes
+from ftwt_cli.engine import build_engine, folded_dense
 from ftwt_cli.engine.latency import latency_report
-from ftwt_cli.engine.liveness import writable_operands
 from ftwt_cli.io import loading
 from ftwt_cli.io.config import PROFILE_DIR, resolve
 from ftwt_cli.models import REGISTRY, create_model
@@ -355,53 +354,3 @@ def test_head_options_and_offsets_change_engine_masks_like_the_model(spec):
             assert (got - expected).abs().max().item() < 1e-4
             for engine_mask, model_mask in zip(engine.block_masks(), after):
                 assert torch.equal(engine_mask, model_mask[i])
-
-
-@pytest.mark.parametrize("size", [32, 224])
-def test_sliced_filters_are_padded_to_buckets_only_on_onednn_layers(size):
-    """Sliced weights get zero filter rows up to a shape bucket where the conv runs on oneDNN (which
-    builds a kernel per shape), exact shapes where it runs im2col + GEMM; inputs are never padded."""
-    import numpy as np
-
-    model = toy("vgg", size)
-    images = noise_images(size, 3)
-    engine = check_equivalent(model, images, strategy="slice", cache_mb=64.0)
-    padded = exact = 0
-    for step in engine.steps:
-        for key, (weight, _) in engine.cache.entries.items():
-            if key[0] != step.key or len(key) != 3:
-                continue
-            ko, ki = int(np.frombuffer(key[1], bool).sum()), int(np.frombuffer(key[2], bool).sum())
-            assert weight.shape[1] == ki
-            if step._on_onednn(ki):
-                assert weight.shape[0] % step.geometry.bucket_out == 0 or weight.shape[0] == step.geometry.out_channels
-                padded += weight.shape[0] > ko
-            else:
-                assert weight.shape[0] == ko
-                exact += 1
-    assert exact > 0 and (padded > 0) == (size == 224), (padded, exact)
-
-
-def test_residual_adds_write_only_into_operands_no_later_step_reads():
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Conv2d(3, 3, 3, padding=1), nn.Conv2d(3, 3, 3, padding=1)
-
-        def forward(self, x):
-            y = self.a(x)
-            z = y + x  # x is the caller's input, y is read again below: neither may be written
-            w = torch.relu(self.b(z))
-            return (w + z) + y  # w, z, and now y, are read by nobody later: all may be written
-
-    net = Net().eval()
-    engine = build_engine(net, (8, 8))
-    order = [n for n in engine.graph_module.graph.nodes if n.op != "output"] + [n for n in engine.graph_module.graph.nodes if n.op == "output"]
-    kinds = {n: nodes.kind(n, engine.modules_by_name) for n in order}
-    flags = [v for n, v in writable_operands(order, engine.slot, kinds).items()]
-    assert flags == [(False, False), (True, True), (True, True)]
-    x = torch.randn(2, 3, 8, 8)
-    before = x.clone()
-    with torch.no_grad():
-        assert torch.allclose(engine(x[:1]), net(x[:1]), atol=1e-5) and torch.allclose(engine(x), net(x), atol=1e-5)
-    assert torch.equal(x, before)  # the caller's tensor is untouched

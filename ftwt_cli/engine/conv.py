@@ -103,6 +103,8 @@ class ConvStep:
     def compute(self, x: Compact, mask: np.ndarray | None) -> Compact:
         """The conv's output for input ``x`` (batch 1), keeping the filters in ``mask`` (None: all)."""
         g = self.geometry
+        if self.channels_last and x.values.dim() == 4 and not x.values.is_contiguous(memory_format=torch.channels_last):
+            x = x.with_values(x.values.contiguous(memory_format=torch.channels_last))  # the input image, once
         if self.prototypes is not None and self.sparse and mask is not None and (g.regular or g.depthwise) and not mask.all():
             k = self.prototypes.cover_one(mask)
             if k >= 0:

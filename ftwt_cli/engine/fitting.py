@@ -55,7 +55,7 @@ def fit_prototypes(engine, images: torch.Tensor, budget_bytes: float) -> dict:
         inputs = float(np.mean([m.sum() for _, m in seen])) if seen else float(g.in_per_group)
         per_channel = kernel * 4 * 2 * (1 if g.depthwise else inputs)  # two layouts reserved (see SubConv.nbytes)
         fixed = step.head.prototypes
-        block = CHANNEL_BLOCK if on_onednn(g, int(round(inputs))) else 1
+        block = CHANNEL_BLOCK if on_onednn(g, round(inputs)) else 1
         layers.append({"masks": np.stack([m for m, _ in seen]), "macs": g.macs, "bytes_per_channel": per_channel, "fixed": fixed, "block": block})
     for step, sets in zip(steps, allocate(layers, budget_bytes)):
         fixed = step.head.prototypes is not None

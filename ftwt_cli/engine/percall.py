@@ -59,7 +59,7 @@ def sparse(step, x: Compact, mask, oidx, toidx, okey, ko: int, ki: int, full_in:
             return run_core(g, x, oidx, ko, ki, core, step.counts)
     if strategy == "slice":
         step.counts["slice_miss"] += 1
-        sliced = slice_weights(g, x, oidx, toidx, ko, ki, full_in)
+        sliced = slice_weights(g, x, oidx, toidx, ko, ki, full_in, buckets=not step.channels_last)
         if key is not None:
             cache.store(key, sliced)
         return run_sliced(g, x, sliced, ko)
@@ -78,9 +78,12 @@ def sparse(step, x: Compact, mask, oidx, toidx, okey, ko: int, ki: int, full_in:
     return step._dense(x, ko, toidx)
 
 
-def slice_weights(g: ConvGeometry, x: Compact, oidx, toidx, ko: int, ki: int, full_in: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def slice_weights(
+    g: ConvGeometry, x: Compact, oidx, toidx, ko: int, ki: int, full_in: bool, buckets: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(weight, bias) of the kept filters × active inputs. Where the conv runs on oneDNN (which builds a
-    kernel per shape), the filters are padded with zero rows up to a shape bucket; the inputs are never
+    kernel per shape), the filters are padded with zero rows up to a shape bucket (``buckets``: in the
+    default format only, where cutting the padding off leaves a contiguous tensor); the inputs are never
     padded (that would copy the activation on every call)."""
     if full_in:
         weight = g.filters.index_select(0, toidx).view(ko, *g.weight.shape[1:])
@@ -89,7 +92,7 @@ def slice_weights(g: ConvGeometry, x: Compact, oidx, toidx, ko: int, ki: int, fu
         weight = g.rows.index_select(0, torch.from_numpy(rows)).view(ko, ki, *g.weight.shape[2:])
     bias = g.bias.index_select(0, toidx)
     padded = min(g.out_channels, -(-ko // g.bucket_out) * g.bucket_out)
-    if padded == ko or not on_onednn(g, ki):
+    if padded == ko or not buckets or not on_onednn(g, ki):
         return weight, bias
     return F.pad(weight, (0, 0, 0, 0, 0, 0, 0, padded - ko)), F.pad(bias, (0, padded - ko))
 

@@ -129,7 +129,10 @@ class SparseEngine(nn.Module):
 
     def set_channels_last(self, enabled: bool, choose_kernels: bool = True) -> None:
         """Run activations in the channels-last memory format (or the default); every sub-conv is laid
-        out for it and its kernel chosen on first use of that format."""
+        out for it and its kernel chosen on first use of that format; cached per-call slices are dropped
+        (their shapes were chosen for the other format)."""
+        if bool(enabled) != self.channels_last:
+            self.cache.clear()
         self.channels_last = bool(enabled)
         for step in self.steps:
             step.prepare(self.channels_last, choose_kernels)
