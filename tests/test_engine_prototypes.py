@@ -252,12 +252,15 @@ def test_batched_throughput_reports_every_batch_size():
 def test_rounding_up_to_the_channel_block_adds_the_most_often_kept_channels():
     from ftwt_cli.engine.prototypes import round_up
 
-    frequency = np.linspace(1.0, 0.0, 40)  # channel 0 kept most often
-    small = np.zeros(40, dtype=bool)
-    small[[5, 30]] = True
-    grown = round_up([small, small.copy()], frequency, 16)
-    assert len(grown) == 1 and grown[0].sum() == 16 and grown[0][[5, 30]].all()
-    assert np.flatnonzero(grown[0]).tolist() == [*range(15), 30]  # the rest: the most often kept channels
-    nearly = np.ones(40, dtype=bool)
+    frequency = np.linspace(1.0, 0.0, 80)  # channel 0 kept most often
+    short = np.zeros(80, dtype=bool)
+    short[2:32] = True  # 30 channels: 2 short of 32
+    grown = round_up([short, short.copy()], frequency, 16)
+    assert len(grown) == 1 and grown[0].sum() == 32 and grown[0][short].all()
+    assert sorted(set(np.flatnonzero(grown[0])) - set(np.flatnonzero(short))) == [0, 1]  # the most often kept
+    far = np.zeros(80, dtype=bool)
+    far[:20] = True  # 12 short of 32: rounding would cost too much, the set stays
+    assert [s.sum() for s in round_up([far], frequency, 16)] == [20]
+    nearly = np.ones(80, dtype=bool)
     nearly[0] = False
     assert round_up([nearly], frequency, 16) == []  # grown to the full set: no prototype needed
