@@ -70,9 +70,9 @@ class Recipe:
 
 
 RECIPES = {
-    ("cifar", True): Recipe(1024, 6, 3, 3),
+    ("cifar", True): Recipe(1024, 6, 3, 2),
     ("cifar", False): Recipe(2560, 15, 4, 6),
-    ("imagenet", True): Recipe(320, 1, 3, 2),
+    ("imagenet", True): Recipe(256, 1, 2, 2),
     ("imagenet", False): Recipe(640, 4, 4, 4),
 }
 

@@ -242,7 +242,7 @@ def test_batched_throughput_reports_every_batch_size():
     model = toy("resnet", 32)
     images = noise_images(32, 5)
     engine = build_engine(model, prototype_images=images[:3], layers="sparse", fallback=False)
-    report = batched_throughput(engine, images, [2, 4], batches=2)
+    report = batched_throughput(engine, images, [2, 4], images_per_size=4)
     assert set(report) == {"2", "4"}
     for row in report.values():
         assert row["dense_images_per_s"] > 0 and row["engine_images_per_s"] > 0

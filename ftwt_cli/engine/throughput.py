@@ -25,14 +25,16 @@ def _ms(fn, x: torch.Tensor) -> float:
     return (time.perf_counter_ns() - start) / 1e6
 
 
-def batched_throughput(engine, images: torch.Tensor, batch_sizes, batches: int = 6, warmup: int = 1) -> dict[str, dict]:
+def batched_throughput(engine, images: torch.Tensor, batch_sizes, images_per_size: int = 96, warmup: int = 1) -> dict[str, dict]:
     """``{str(B): {"dense_images_per_s", "engine_images_per_s", "speedup", "dense_channels_last",
-    "batches"}}`` for each B of ``batch_sizes``, ``batches`` timed batches each (after ``warmup``)."""
+    "batches"}}`` for each B of ``batch_sizes``: about ``images_per_size`` images timed (at least 3
+    batches) after ``warmup`` batches."""
     dense: dict[bool, nn.Module] = {fmt: dense_fallback(engine.source, engine.input_size, channels_last=fmt, masked=False) for fmt in (False, True)}
     candidates = {"dense": dense[False], "dense_channels_last": dense[True], "engine": engine._run}
     report: dict[str, dict] = {}
     n = len(images)
     for size in batch_sizes:
+        batches = max(3, images_per_size // size)
         times: dict[str, list[float]] = {k: [] for k in candidates}
         with torch.inference_mode(), progress_bar(f"throughput (batch {size})", warmup + batches) as advance:
             for b in range(warmup + batches):
