@@ -1,258 +1,253 @@
-"""Batch-1 CPU latency, dense eager PyTorch vs the sparse engine, on FTWT models at three FLOPs levels.
+"""CPU latency of the sparse engine against dense eager PyTorch and the static model a user would pick
+instead, on FTWT models at three FLOPs levels, batch 1 (one and two threads) and batched.
 
 Models: torchvision resnet18, resnet34 and mobilenet_v2 at 224×224 and the CIFAR vgg16_bn and resnet56
-at 32×32. Per model, side by side in one run, at 1 and 2 threads (``--threads``):
+at 32×32. Per model and level, side by side in one run, interleaved image by image:
 
 * dense eager: the BN-folded backbone without heads, the faster of default and channels-last format;
-* the engine with every filter kept (the dense backbone through the engine, no fallback: its overhead);
-* the engine on the FTWT model at three measured FLOPs reductions near the paper's 25 / 38 / 52 %.
+* static: the torch-pruning static-uniform model at the FLOPs reduction the FTWT model reaches on the
+  timed images (its faster format too);
+* the engine on the FTWT model (heads, pre-sliced sub-networks fitted on held-out training images).
 
-Masks are real: a short dense run and a short FTWT run (``python -m ftwt_cli train``, decoupled, one
-epoch on a few hundred cifar10-mini images, resized to 224 for the ImageNet models), cached under
-``--checkpoint-dir``. That training is tiny (2 shared CPU cores: resnet18 trains at ~10 images/s), so
-the three levels come from ONE trained FTWT run per model: each level adds a uniform shift, in units of
-each layer's logit spread, to every trained head's bias (the per-layer calibration offset),
-bisected on training images until the measured FLOPs reduction (heads included) is near the level.
-The FLOPs reduction in each ratio is the one measured on the timed images, heads included.
+Masks are real (see ``_latency_models.py``): heads trained by ``ftwt train`` (head-only warm-up on the
+frozen backbone, then epochs until the head loss stops falling) and calibrated by ``ftwt calibrate`` to
+each level; the same with ``--head-norm`` for the distinct-mask comparison. Cached under
+``--checkpoint-dir`` and reused on the next run. Reported per level: latency reduction ÷ FLOPs reduction
+against dense, engine ÷ static latency, medians and p90, the distinct masks per layer on the timed
+images (default head and head-norm), prototype coverage, extra MACs and memory, the engine's largest
+difference from the gated model; at the level nearest 50 %, batched throughput at ``--batch-sizes``.
 
-``--json`` prints ``{model: {flops_reduction_pct, latency_reduction_pct, ratio, ..., levels: [...]}}``:
-the top-level figures are the ≈ 52 % level at one thread; ``levels`` holds every level and thread count.
+``--json`` prints ``{model: {flops_reduction_pct, latency_reduction_pct, ratio, dense_ms, engine_ms,
+static_ms, static_flops_reduction_pct, engine_over_static, ..., levels: [...], batched: {...}}, "goals":
+{...}, "run": {wall_s, cli_wall_s, cli_cpu_s}}``: each model's top-level figures are its level nearest
+52 % at the first thread count.
 
-    nice -n 5 .venv/bin/python benchmarks/latency.py --quick --json
+    python benchmarks/latency.py --quick --json > latency.json
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import os
-import subprocess
-import sys
+import time
 from pathlib import Path
 
 import torch
-from _common import CIFAR10_MINI  # noqa: E402 - benchmarks/ is on sys.path when run as a script
+from _common import CIFAR10_MINI
+from _latency_models import SPENT, TRAIN_TARGET, family, static_model, trained
 
 from ftwt_cli.console import console, emit_json
 from ftwt_cli.core.flops import FlopsCounter
 from ftwt_cli.core.gating import FTWTModel
-from ftwt_cli.engine import build_engine, folded_dense
-from ftwt_cli.engine.latency import latency_report
+from ftwt_cli.engine import DEFAULT_MEMORY_MB
+from ftwt_cli.engine.latency import dense_reference, latency_report, prepared_engine
 from ftwt_cli.io import loading
+from ftwt_cli.io.checkpoint import load_checkpoint
 from ftwt_cli.io.config import resolve
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = f"imagefolder:{CIFAR10_MINI}"
 MODELS = ("vgg16_bn", "resnet56", "resnet18", "resnet34", "mobilenet_v2")
 LEVELS = (25.0, 38.0, 52.0)
-TRAIN_TARGET = 52  # --target-flops of the one FTWT run per model
-#: Training images per run (ImageNet-size models train ~10× slower on the CPU than CIFAR ones).
-TRAIN_IMAGES = {"cifar": 512, "imagenet": 256}
-#: The profile the training runs use: small batches (several steps even on 256 images), heads trained
-#: the whole epoch, a small test pass (accuracy is not what this benchmark measures).
-PROFILE = """description = "benchmarks/latency.py: tiny training runs whose heads give real masks"
-batch_size = 32
-test_samples = 64
-workers = 0
-ratios = "0.30:1.00:0.01"
-freeze_heads_after = 1.0
-
-[dense]
-lr = 0.05
-milestones = [100]
-
-[dynamic]
-lr = 0.01
-milestones = [100]
-head_lr = 0.1
-mode = "decoupled"
-"""
+#: Goals at the level nearest 52 %, first thread count: latency ↓ ÷ FLOPs ↓ at least this (0: never slower).
+RATIO_GOALS = {"resnet34": 0.6, "resnet18": 0.5, "vgg16_bn": 0.5, "resnet56": 0.0, "mobilenet_v2": 0.0}
+STATIC_GOAL = {"resnet34": 1.15}  # engine ÷ static latency at most
+BATCH_GOAL = 1.3  # batch-8 throughput ÷ dense at the level nearest 50 %
+#: A level whose calibrated model misses it by more than this on the timed images is skipped (reported).
+LEVEL_SLACK = 5.0
+TOP_KEYS = (
+    "flops_reduction_pct", "latency_reduction_pct", "ratio", "dense_ms", "engine_ms", "dense_p90_ms", "engine_p90_ms",
+    "static_ms", "static_p90_ms", "static_flops_reduction_pct", "engine_over_static", "threads", "fallback", "sparse_layers",
+    "dense_channels_last", "engine_channels_last", "level", "max_abs_error", "max_rel_error", "mask_mismatches",
+)  # fmt: skip
 
 
-def family(model: str) -> str:
-    return "cifar" if model in ("vgg16_bn", "resnet56") else "imagenet"
-
-
-def train(model: str, out: Path, extra: list[str], profiles: Path) -> None:
-    """Run ``ftwt train`` as a subprocess unless ``out`` already holds a checkpoint."""
-    if (out / "best.pt").is_file():
-        console.print(f"reusing {out / 'best.pt'}")
-        return
-    command = [sys.executable, "-m", "ftwt_cli", "train", "--profile", "latency-bench", "--model", model, "--data", DATA]
-    command += ["--out", str(out), "--json", *extra]
-    console.print("running " + " ".join(command))
-    env = dict(os.environ, FTWT_PROFILES=str(profiles))
-    subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, env=env)
-
-
-def checkpoint_for(model: str, directory: Path) -> Path:
-    """The cached FTWT run for ``model`` (dense run first), trained if missing."""
-    profiles = directory / "profiles"
-    profiles.mkdir(parents=True, exist_ok=True)
-    (profiles / "latency-bench.toml").write_text(PROFILE)
-    n = TRAIN_IMAGES[family(model)]
-    dense, ftwt = directory / f"{model}-dense-n{n}", directory / f"{model}-ftwt{TRAIN_TARGET}-n{n}"
-    cap = ["--samples", str(n), "--epochs", "1"]
-    train(model, dense, ["--dense", *cap], profiles)
-    train(model, ftwt, ["--init", str(dense / "best.pt"), "--target-flops", str(TRAIN_TARGET), *cap], profiles)
-    return ftwt / "best.pt"
-
-
-def measured_reduction(model: FTWTModel, images: torch.Tensor) -> float:
-    """FLOPs reduction (%, heads included) of the model's predicted masks on ``images``."""
+def masks_on(model: FTWTModel, images: torch.Tensor) -> list[torch.Tensor]:
+    """Per block, the model's masks bool [N, C] on ``images``."""
     model.configure(mask_source="predicted", record=True)
     chunks = []
     with torch.no_grad():
         for chunk in images.split(16):
             model(chunk)
-            chunks.append([r.mask for r in model.records()])
-    masks = [torch.cat(parts) for parts in zip(*chunks)]
+            chunks.append([r.mask.bool() for r in model.records()])
     model.configure(record=False)
+    return [torch.cat(parts) for parts in zip(*chunks)]
+
+
+def reduction_of(model: FTWTModel, masks: list[torch.Tensor]) -> float:
     counter = FlopsCounter(model.graph)
-    return float(counter.reduction_pct(counter.macs_from_masks(masks).mean().item(), with_heads=True))
+    return float(counter.reduction_pct(counter.macs_from_masks([m.float() for m in masks]).mean().item(), with_heads=True))
 
 
-def logit_spread(model: FTWTModel, images: torch.Tensor) -> list[torch.Tensor]:
-    """Per block, the standard deviation of its head's logits on ``images`` (the unit of a level's shift)."""
-    model.configure(mask_source="predicted", record=True)
-    with torch.no_grad():
-        model(images)
-    spread = [r.logits.std().clamp_min(1e-3) for r in model.records()]
-    model.configure(record=False)
-    return spread
+def distinct(masks: list[torch.Tensor]) -> list[int]:
+    return [int(torch.unique(m, dim=0).shape[0]) for m in masks]
 
 
-def shifted(model: FTWTModel, spread: list[torch.Tensor], shift: float) -> FTWTModel:
-    """A copy whose every head's bias moves by ``shift`` × that head's logit spread (all logits alike)."""
-    out = copy.deepcopy(model)
-    with torch.no_grad():
-        for head, unit in zip(out.heads(), spread):
-            head.proj.bias.add_(shift * unit)
-    return out.eval().configure(mask_source="predicted", record=False)
+def held_out(cfg, checkpoint: Path, count: int) -> torch.Tensor:
+    """The training images the FTWT run held out (calibration and the engine's prototypes are fitted on them)."""
+    meta = load_checkpoint(checkpoint)["meta"]
+    held_cfg = cfg.override(**{k: meta[k] for k in ("samples", "train_samples", "val_fraction", "seed") if k in meta})
+    held = loading.training_splits(held_cfg, augment=False)[1]
+    return torch.stack([held[i][0] for i in range(min(count, len(held)))])
 
 
-def at_levels(model: FTWTModel, images: torch.Tensor, levels, steps: int) -> dict[float, tuple[FTWTModel, float, float]]:
-    """Per level, the shifted model whose masks on ``images`` remove about ``level`` % of the FLOPs:
-    bisection on the shift (more shift keeps more), evaluations shared between levels."""
-    spread = logit_spread(model, images)
-    evaluated: dict[float, tuple[FTWTModel, float]] = {}
-
-    def at(shift: float) -> tuple[FTWTModel, float]:
-        if shift not in evaluated:
-            candidate = shifted(model, spread, shift)
-            evaluated[shift] = (candidate, measured_reduction(candidate, images))
-        return evaluated[shift]
-
-    found = {}
-    for level in levels:
-        low, high = -3.0, 3.0
-        for _ in range(steps):
-            mid = (low + high) / 2
-            if at(mid)[1] > level:
-                low = mid
-            else:
-                high = mid
-        shift = min((s for s in evaluated), key=lambda s: abs(evaluated[s][1] - level))
-        found[level] = (evaluated[shift][0], shift, evaluated[shift][1])
-    return found
+def load_ftwt(cfg, path: Path) -> FTWTModel:
+    return loading.load_model(cfg, str(path), require="ftwt").model.eval().configure(mask_source="predicted", record=False)
 
 
-def check_exact(model: FTWTModel, images: torch.Tensor) -> dict:
-    """The engine (every layer sparse) against the gated model, image by image: the largest output
-    difference, absolute and relative to the output's scale, and how many block masks differ (a head
-    logit within float rounding of 0 can flip; its |logit| is reported)."""
-    engine = build_engine(model, cache_mb=0.0)
-    model.configure(record=True)
-    worst, scale, mismatches, tie = 0.0, 0.0, 0, float("inf")
-    with torch.no_grad():
-        for image in images:
-            got, expected = engine(image[None]), model(image[None])
-            worst, scale = max(worst, (got - expected).abs().max().item()), max(scale, expected.abs().max().item())
-            for engine_mask, record in zip(engine.block_masks(), model.records()):
-                differ = engine_mask != record.mask[0].bool()
-                if differ.any():
-                    mismatches += 1
-                    tie = min(tie, record.logits[0][differ].abs().max().item())
-    model.configure(record=False)
+def bench_model(name: str, args, directory: Path, levels: list[float], threads: list[int], samples: int) -> dict:
+    load_before = os.getloadavg()
+    runs = trained(name, directory, args.quick, levels, DATA, levels if not args.quick else [max(levels)])
+    cfg = resolve(None, model=name, data=DATA)
+    test = loading.dataset(cfg, "test")
+    images = torch.stack([test[i][0] for i in range(min(samples, len(test)))])
+    size = tuple(images.shape[2:])
+    dense_loaded = loading.load_model(cfg, str(runs["dense"]), require="dense").model.eval()
+    dense_state = dense_loaded.state_dict()
+    any_level = next(iter(runs["default"].values()))
+    layout = held_out(cfg, any_level, args.layout_images)
+    batched_level = min(runs["default"], key=lambda lv: abs(lv - 50.0))
+    reports, skipped = [], {}
+    for level, path in sorted(runs["default"].items()):
+        model = load_ftwt(cfg, path)
+        masks = masks_on(model, images)
+        reduction = reduction_of(model, masks)
+        if abs(reduction - level) > LEVEL_SLACK:  # calibration could not reach it (the target rule's limit)
+            console.print(f"[yellow]{name}: calibrated to {level:g} %, the timed images show {reduction:.1f} %: level skipped[/yellow]")
+            skipped[f"{level:g}"] = reduction
+            continue
+        masks_norm = masks_on(load_ftwt(cfg, runs["head_norm"][level]), images) if level in runs["head_norm"] else None
+        phase = time.time()
+        static, static_reduction = static_model(name, dense_state, reduction, size, directory)
+        static_run, static_info = dense_reference(static, size, layout[:8])
+        console.print(f"{name} level {level:g} %: static model at {static_reduction:.1f} % ({time.time() - phase:.0f} s)", highlight=False)
+        phase = time.time()
+        engine = prepared_engine(model, size, layout, cache_mb=args.cache_mb, calibrate=not args.no_calibrate, memory_mb=args.engine_memory_mb)
+        console.print(f"{name} level {level:g} %: engine fitted ({time.time() - phase:.0f} s): {engine.fitted}", highlight=False)
+        top_level = level == min(runs["default"], key=lambda lv: abs(lv - 52.0))
+        for count in threads if (top_level or not args.quick) else threads[:1]:  # --quick: more threads at ≈ 52 % only
+            sizes = args.batch_sizes if (level == batched_level and count == threads[0]) else ()
+            report = latency_report(
+                model, images, threads=count, cache_mb=args.cache_mb, warmup=4 if args.quick else 10, layout_images=layout,
+                others={"static": static_run}, batch_sizes=sizes, engine=engine,
+            )  # fmt: skip
+            report.update(
+                level=level, checkpoint=str(path), static_flops_reduction_pct=static_reduction,
+                static_channels_last=static_info["dense_channels_last"],
+                distinct_masks={"default": distinct(masks), "head_norm": distinct(masks_norm) if masks_norm is not None else None},
+                head_norm_flops_reduction_pct=reduction_of(model, masks_norm) if masks_norm is not None else None,
+            )  # fmt: skip
+            reports.append(report)
+            use = report["prototype_use"] or {}
+            console.print(
+                f"[bold]{name}[/bold] {size[0]}×{size[1]} level {level:g} %, {count} thread(s): FLOPs ↓ {report['flops_reduction_pct']:.1f} % "
+                f"(static {static_reduction:.1f} %); dense {report['dense_ms']:.2f} ms, static {report['static_ms']:.2f} ms, "
+                f"engine {report['engine_ms']:.2f} ms (p90 {report['engine_p90_ms']:.2f}); ratio {report['ratio']:.2f}, "
+                f"engine ÷ static {report['engine_over_static']:.2f}; {report['sparse_layer_count']}/{report['conv_layer_count']} layers sparse"
+                f"{', whole-engine fallback' if report['fallback'] else ''}, {'channels-last' if report['engine_channels_last'] else 'default format'}; "
+                f"prototype coverage {100 * use.get('coverage', float('nan')):.1f} %, extra MACs {use.get('extra_mac_pct', float('nan')):.2f} %, "
+                f"{use.get('memory_mb', 0.0):.0f} MiB; max relative error {report['max_rel_error']:.1e}, {report['mask_mismatches']} mask(s) differ; "
+                f"load {os.getloadavg()[0]:.2f}",
+                highlight=False,
+            )
+            for batch, row in (report.get("batched") or {}).items():
+                console.print(f"  batch {batch}: dense {row['dense_images_per_s']:.1f} images/s, engine {row['engine_images_per_s']:.1f}, speedup {row['speedup']:.2f}×", highlight=False)
+        del engine
+    kept = {}
+    for count in threads:
+        every = latency_report(dense_loaded, images[: min(len(images), 50)], threads=count, cache_mb=args.cache_mb, warmup=4, fallback=False, calibrate=False, layout_images=layout[:8])
+        kept[str(count)] = {k: every[k] for k in ("dense_ms", "engine_ms", "latency_reduction_pct", "dense_channels_last", "engine_channels_last")}
+        console.print(f"[bold]{name}[/bold] every filter kept, {count} thread(s): dense {every['dense_ms']:.2f} ms, engine {every['engine_ms']:.2f} ms", highlight=False)
+    if not reports:
+        return {"levels": [], "skipped_levels": skipped, "training": runs["training"], "every_filter_kept": kept}
+    top = min((r for r in reports if r["threads"] == threads[0]), key=lambda r: abs(r["flops_reduction_pct"] - 52.0))
+    batched = next((r["batched"] for r in reports if r.get("batched")), {})
     return {
-        "max_abs_error": worst,
-        "max_rel_error": worst / scale if scale else 0.0,
-        "mask_mismatches": mismatches,
-        "mismatch_max_abs_logit": tie if mismatches else None,
+        **{k: top.get(k) for k in TOP_KEYS},
+        "input_size": list(size),
+        "checkpoint": top["checkpoint"],
+        "distinct_masks": top["distinct_masks"],
+        "prototypes": top["prototypes"],
+        "prototype_use": top["prototype_use"],
+        "training": runs["training"],
+        "recipe": runs["recipe"],
+        "every_filter_kept": kept,
+        "batched": batched,
+        "levels": reports,
+        "skipped_levels": skipped,
+        "load_average": {"before": list(load_before), "after": list(os.getloadavg())},
     }
+
+
+def goals(results: dict) -> dict:
+    """Each goal of the issue against the measured figures (None where the model was not run)."""
+    out = {}
+    for model, goal in RATIO_GOALS.items():
+        r = results.get(model) or {}
+        out[f"{model}_ratio"] = None if r.get("ratio") is None else {"goal": goal, "measured": r["ratio"], "met": r["ratio"] >= goal}
+    for model, goal in STATIC_GOAL.items():
+        r = results.get(model) or {}
+        ratio = r.get("engine_over_static")
+        out[f"{model}_engine_over_static"] = None if ratio is None else {"goal": goal, "measured": ratio, "met": ratio <= goal}
+    for model, r in results.items():
+        row = (r.get("batched") or {}).get("8")
+        if row:
+            out[f"{model}_batch8_speedup"] = {"goal": BATCH_GOAL, "measured": row["speedup"], "met": row["speedup"] >= BATCH_GOAL}
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer timed and calibration images (same input sizes, same training)")
+    parser.add_argument(
+        "--quick", action="store_true",
+        help="shorter training (cached apart), fewer held-out images, 100 timed images, further thread counts at ≈ 52 %% only",
+    )  # fmt: skip
     parser.add_argument("--json", action="store_true", help="one JSON document on stdout")
     parser.add_argument("--checkpoint-dir", default=str(ROOT / ".bench-cache" / "latency"), help="where training runs are cached")
-    parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--samples", type=int, default=None, help="timed test images (default 100, quick 12)")
-    parser.add_argument("--threads", default="1,2", help="comma list of thread counts")
-    parser.add_argument("--cache-mb", type=float, default=64.0)
+    parser.add_argument("--models", default=",".join(MODELS), help="comma list of models")
     parser.add_argument("--levels", default=",".join(f"{level:g}" for level in LEVELS), help="comma list of FLOPs levels (%%)")
+    parser.add_argument("--samples", type=int, default=None, help="timed test images per level (default 200, quick 100)")
+    parser.add_argument("--threads", default="1,2", help="comma list of thread counts")
+    parser.add_argument("--batch-sizes", default="8,32", help="batched throughput at these batch sizes ('' for none)")
+    parser.add_argument("--cache-mb", type=float, default=64.0)
+    parser.add_argument("--engine-memory-mb", type=float, default=DEFAULT_MEMORY_MB, help="cap on the pre-sliced sub-networks (MiB)")
+    parser.add_argument("--layout-images", type=int, default=None, help="held-out images the prototypes are fitted on (default 64, quick 48)")
     parser.add_argument("--no-calibrate", action="store_true", help="skip timing the per-call cost model (the per-layer choice is still measured)")
     parser.add_argument("--train-only", action="store_true", help="train (or reuse) the checkpoints and stop")
     args = parser.parse_args()
-    samples = args.samples or (12 if args.quick else 100)
-    layout_count, bisect_images, bisect_steps = (8, 8, 5) if args.quick else (64, 32, 8)
+    samples = args.samples or (100 if args.quick else 200)
+    args.layout_images = args.layout_images or (48 if args.quick else 64)
     threads = [int(t) for t in args.threads.split(",")]
-    levels_wanted = [float(level) for level in args.levels.split(",")]
+    levels = [float(level) for level in args.levels.split(",")]
+    args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     models = args.models.split(",")
     unknown = sorted(set(models) - set(MODELS))
     if unknown:
         parser.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
-
+    if samples < 1 or min(threads) < 1 or args.engine_memory_mb <= 0 or any(b < 1 for b in args.batch_sizes):
+        parser.error("--samples, --threads and --batch-sizes must be at least 1, --engine-memory-mb above 0")
+    if any(not 0 < level < 100 for level in levels):
+        parser.error("--levels are percents of FLOPs removed, each in (0, 100)")
     directory = Path(args.checkpoint_dir)
-    paths = {name: checkpoint_for(name, directory) for name in models}
+    console.print(f"load average before: {os.getloadavg()}; FTWT runs trained at --target-flops {TRAIN_TARGET}", highlight=False)
+    start = time.time()
     if args.train_only:
+        for name in models:
+            trained(name, directory, args.quick, levels, DATA, levels if not args.quick else [max(levels)])
         return
-    results = {}
-    for name in models:
-        cfg = resolve(None, model=name, data=DATA)
-        model = loading.load_model(cfg, str(paths[name]), require="ftwt").model.eval()
-        test, train_set = loading.dataset(cfg, "test"), loading.dataset(cfg, "train")
-        images = torch.stack([test[i][0] for i in range(min(samples, len(test)))])
-        layout = torch.stack([train_set[i][0] for i in range(min(layout_count, len(train_set)))])
-        size = tuple(images.shape[2:])
-        dense = folded_dense(model, size)  # the same weights without heads: every filter kept
-        levels = []
-        for level, (leveled, shift, calibrated) in at_levels(model, layout[:bisect_images], levels_wanted, bisect_steps).items():
-            exactness = check_exact(leveled, images[:4])
-            error = exactness["max_abs_error"]
-            for count in threads:
-                report = latency_report(
-                    leveled, images, threads=count, cache_mb=args.cache_mb, warmup=4 if args.quick else 10,
-                    layout_images=layout, calibrate=not args.no_calibrate,
-                )
-                report.update(level=level, logit_shift=shift, calibration_reduction_pct=calibrated, **exactness)
-                levels.append(report)
-                console.print(
-                    f"[bold]{name}[/bold] {size[0]}×{size[1]} level {level:g} %, {count} thread(s): FLOPs ↓ {report['flops_reduction_pct']:.1f} %, "
-                    f"latency ↓ {report['latency_reduction_pct']:.1f} % (dense {report['dense_ms']:.2f} ms, engine {report['engine_ms']:.2f} ms), "
-                    f"ratio {report['ratio']:.2f}; sparse layers {report['sparse_layer_count']}/{report['conv_layer_count']}"
-                    f"{', whole-engine fallback' if report['fallback'] else ''}; max |engine − gated| {error:.1e} "
-                    f"(relative {exactness['max_rel_error']:.1e}, {exactness['mask_mismatches']} mask(s) differ)"
-                )
-        kept = {}
-        for count in threads:
-            every = latency_report(
-                dense, images, threads=count, cache_mb=args.cache_mb, warmup=4 if args.quick else 10,
-                fallback=False, calibrate=not args.no_calibrate,
-            )
-            kept[str(count)] = {k: every[k] for k in ("dense_ms", "engine_ms", "latency_reduction_pct", "dense_channels_last")}
-            console.print(f"[bold]{name}[/bold] every filter kept, {count} thread(s): dense {every['dense_ms']:.2f} ms, engine {every['engine_ms']:.2f} ms")
-        top = min((r for r in levels if r["threads"] == threads[0]), key=lambda r: abs(r["flops_reduction_pct"] - 52.0))
-        results[name] = {
-            **{k: top[k] for k in ("flops_reduction_pct", "latency_reduction_pct", "ratio", "dense_ms", "engine_ms", "threads", "fallback", "sparse_layers", "dense_channels_last", "level", "max_abs_error", "max_rel_error", "mask_mismatches")},
-            "input_size": list(size),
-            "checkpoint": str(paths[name]),
-            "every_filter_kept": kept,
-            "levels": levels,
-        }
+    results = {name: bench_model(name, args, directory, levels, threads, samples) for name in sorted(models, key=lambda m: family(m) != "cifar")}
+    summary = goals(results)
+    for key, goal in summary.items():
+        if goal is not None:
+            console.print(f"goal {key}: {goal['measured']:.2f} (goal {goal['goal']:g}) {'met' if goal['met'] else 'NOT met'}", highlight=False)
+    wall = time.time() - start
+    console.print(
+        f"load average after: {os.getloadavg()}; {wall:.0f} s in all, of which the CLI runs (training, calibration) "
+        f"{SPENT['wall_s']:.0f} s wall, {SPENT['cpu_s']:.0f} s CPU",
+        highlight=False,
+    )
     if args.json:
-        emit_json(results)
+        emit_json({**results, "goals": summary, "run": {"wall_s": wall, "cli_wall_s": SPENT["wall_s"], "cli_cpu_s": SPENT["cpu_s"]}})
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ TIMED = {
     "dense_ms", "engine_ms", "dense_p90_ms", "engine_p90_ms", "latency_reduction_pct", "ratio", "fallback",
     "sparse_layers", "sparse_layer_count", "layers_latency", "calibration_latency", "dense_channels_last",
     "dense_default_ms", "dense_channels_last_ms", "cache_hit_rate", "strategy_counts", "core_mac_fraction",
-    "wall_s",
+    "wall_s", "engine_channels_last", "prototype_use", "max_abs_error", "max_rel_error", "mask_mismatches",
 }  # fmt: skip
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import pandas as pd
 import typer
@@ -28,6 +28,7 @@ from ftwt_cli.cli.app import (
     resolve_config,
 )
 from ftwt_cli.console import console, emit_json
+from ftwt_cli.engine import DEFAULT_MEMORY_MB
 from ftwt_cli.errors import BadInput
 from ftwt_cli.io.checkpoint import atomic_write_bytes
 from ftwt_cli.io.config import DEFAULT_PROFILE
@@ -60,10 +61,10 @@ def eval_command(
     data: DataOpt = None,
     checkpoint: CheckpointOpt = None,
     compare: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Option("--compare", help="Another checkpoint to evaluate on the same inputs (repeatable)."),
     ] = None,
-    samples: Annotated[Optional[int], typer.Option("--samples", help="Cap on test images (0: all).")] = None,
+    samples: Annotated[int | None, typer.Option("--samples", help="Cap on test images (0: all).")] = None,
     image_size: ImageSizeOpt = None,
     batch_size: BatchOpt = None,
     device: DeviceOpt = None,
@@ -75,17 +76,20 @@ def eval_command(
         bool, typer.Option("--brier-noise", help="Brier score and top-1 under Gaussian blur and noise (Table 3).")
     ] = False,
     blur_sigmas: Annotated[
-        Optional[str], typer.Option("--blur-sigmas", help="Comma list of blur σ (pixels); implies --brier-noise.")
+        str | None, typer.Option("--blur-sigmas", help="Comma list of blur σ (pixels); implies --brier-noise.")
     ] = None,
     noise_sigmas: Annotated[
-        Optional[str], typer.Option("--noise-sigmas", help="Comma list of noise σ on [0, 1] pixels; implies --brier-noise.")
+        str | None, typer.Option("--noise-sigmas", help="Comma list of noise σ on [0, 1] pixels; implies --brier-noise.")
     ] = None,
-    csv: Annotated[Optional[str], typer.Option("--csv", help="Folder for one CSV per table.")] = None,
-    plots: Annotated[Optional[str], typer.Option("--plots", help="Folder for the PNG figures.")] = None,
+    csv: Annotated[str | None, typer.Option("--csv", help="Folder for one CSV per table.")] = None,
+    plots: Annotated[str | None, typer.Option("--plots", help="Folder for the PNG figures.")] = None,
     latency: Annotated[bool, typer.Option("--latency", help="Also measure CPU latency, dense vs sparse engine.")] = False,
     latency_samples: Annotated[int, typer.Option("--latency-samples", help="Test images timed.")] = 200,
     threads: Annotated[int, typer.Option("--threads", help="CPU threads for the latency measurement.")] = 1,
     cache_mb: Annotated[float, typer.Option("--cache-mb", help="Sparse engine weight cache size (MiB).")] = 64.0,
+    engine_memory_mb: Annotated[
+        float, typer.Option("--engine-memory-mb", help="Cap on the engine's pre-sliced sub-networks (MiB).")
+    ] = DEFAULT_MEMORY_MB,
     json_out: JsonOpt = False,
 ) -> None:
     """Evaluate a dense or FTWT checkpoint (and --compare others) on the test split."""
@@ -94,6 +98,8 @@ def eval_command(
     sweep = brier_noise or blur_sigmas is not None or noise_sigmas is not None
     if latency and (latency_samples < 1 or threads < 1 or cache_mb < 0):
         raise BadInput("--latency-samples and --threads must be at least 1, --cache-mb at least 0")
+    if not engine_memory_mb > 0:
+        raise BadInput(f"--engine-memory-mb must be > 0 (MiB for the engine's pre-sliced sub-networks), got {engine_memory_mb:g}")
     _check_output_dir(csv, "--csv")
     _check_output_dir(plots, "--plots")
     cfg = resolve_config(
@@ -111,7 +117,8 @@ def eval_command(
         workers=workers,
     )
     perturbations = perturbation_grid(blur, noise) if sweep else []
-    options = LatencyOptions(latency_samples, threads, cache_mb) if latency else None
+    # With --latency, a --batch-size given on the command line also times batched throughput at that size.
+    options = LatencyOptions(latency_samples, threads, cache_mb, engine_memory_mb, batch_size) if latency else None
     reports = evaluate_checkpoints(cfg, compare or [], perturbations, options)
 
     tables = _tables(reports)
@@ -256,6 +263,8 @@ def _print_tables(reports: list[ModelReport], tables: dict[str, pd.DataFrame]) -
         first = reports[0].latency
         title = f"CPU latency, batch 1, {first.get('samples')} images, {first.get('threads')} thread(s)"
         console.print(_rich_table(title, frame[shown]))
+    for r in reports:
+        _print_engine_details(r)
     if "latency_layers" in tables:
         layers = tables["latency_layers"]
         for r in reports:
@@ -263,6 +272,25 @@ def _print_tables(reports: list[ModelReport], tables: dict[str, pd.DataFrame]) -
             if not rows.empty:
                 title = f"per-layer latency (build-time measurement, sparse = runs its sparse paths): {r.label}"
                 console.print(_rich_table(title, rows[[c for c in LATENCY_LAYER_COLUMNS if c in rows.columns]]))
+
+
+def _print_engine_details(report: ModelReport) -> None:
+    """The engine's pre-sliced sub-networks and, with --batch-size, batched throughput."""
+    latency = report.latency or {}
+    fitted, use = latency.get("prototypes") or {}, latency.get("prototype_use")
+    if use and fitted.get("prototypes"):
+        console.print(
+            f"engine prototypes ({report.label}): {fitted['prototypes']} over {fitted['layers']} layers, fitted on "
+            f"{fitted['fitted_on']} held-out images; {use['memory_mb']:.1f} of {fitted['memory_cap_mb']:g} MiB; "
+            f"coverage {100 * use['coverage']:.1f} % of gated conv calls, extra MACs {use['extra_mac_pct']:.2f} % of theirs",
+            highlight=False,
+        )
+    for size, row in (latency.get("batched") or {}).items():
+        console.print(
+            f"batch {size} ({report.label}): dense {row['dense_images_per_s']:.1f} images/s, engine "
+            f"{row['engine_images_per_s']:.1f} images/s, speedup {row['speedup']:.2f}×",
+            highlight=False,
+        )
 
 
 def _rich_table(title: str, frame: pd.DataFrame) -> Table:

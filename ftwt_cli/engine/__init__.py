@@ -9,27 +9,33 @@ from the data up:
 * :mod:`~ftwt_cli.engine.compact` — compact activations (kept channels + their indices), residual add,
   flatten, linear;
 * :mod:`~ftwt_cli.engine.cache` — the LRU cache of sliced weights;
-* :mod:`~ftwt_cli.engine.heads` — decision heads on compact inputs (numpy fast path, any variant);
+* :mod:`~ftwt_cli.engine.subconv` — sub-convs: a conv's weights sliced to channel sets and laid out once;
+* :mod:`~ftwt_cli.engine.prototypes` — per conv, prototype channel sets covering its masks (fit, cover);
+* :mod:`~ftwt_cli.engine.heads` — decision heads on compact inputs (fast affine path, any variant);
 * :mod:`~ftwt_cli.engine.cost` — the cost model that picks a path per call, and its calibration;
 * :mod:`~ftwt_cli.engine.core` — static cores fitted on sample images;
 * :mod:`~ftwt_cli.engine.conv` — one conv step: geometry, head and per-call state, with its paths;
+* :mod:`~ftwt_cli.engine.fitting` — pre-sliced sub-networks fitted on held-out images, under a memory cap;
+* :mod:`~ftwt_cli.engine.batched` — batches grouped per layer by the prototype their images run;
+* :mod:`~ftwt_cli.engine.liveness` — which residual-add operands may be overwritten;
 * :mod:`~ftwt_cli.engine.reference` — dense references (BN folded, optionally masked by the heads);
 * :mod:`~ftwt_cli.engine.choice` — never slower than dense: the per-layer and whole-engine choice;
-* :mod:`~ftwt_cli.engine.program` — fx tracing, compilation into a flat program, :class:`SparseEngine`;
-* :mod:`~ftwt_cli.engine.latency` — batch-1 latency against the dense model (``ftwt eval --latency``).
-
-Batch-1 inputs are the target; a batch runs sample by sample (each sample has its own masks).
+* :mod:`~ftwt_cli.engine.nodes` — what each traced node becomes (batch 1 and batched steps);
+* :mod:`~ftwt_cli.engine.program` — fx tracing, compilation into flat programs, :class:`SparseEngine`;
+* :mod:`~ftwt_cli.engine.latency` — batch-1 latency against the dense model (``ftwt eval --latency``);
+* :mod:`~ftwt_cli.engine.throughput` — batched throughput against the dense model.
 """
 
 from ftwt_cli.engine.cache import WeightCache
 from ftwt_cli.engine.compact import Compact
 from ftwt_cli.engine.conv import STRATEGIES, ConvStep
 from ftwt_cli.engine.cost import CORE_THRESHOLD, GATHER_COST_MACS
-from ftwt_cli.engine.program import SparseEngine, build_engine
+from ftwt_cli.engine.program import DEFAULT_MEMORY_MB, SparseEngine, build_engine
 from ftwt_cli.engine.reference import DenseModel, dense_fallback, folded_dense
 
 __all__ = [
     "CORE_THRESHOLD",
+    "DEFAULT_MEMORY_MB",
     "GATHER_COST_MACS",
     "STRATEGIES",
     "Compact",

@@ -1,11 +1,12 @@
-"""Never slower than dense, measured on this machine: which convs take their sparse paths, and whether
-the whole engine runs the dense model instead. This module is the one home of that choice
-(:func:`decide`); ``build_engine`` and the latency measurement both call it.
+"""Never slower than dense, measured on this machine: the activations' memory format, which convs take
+their sparse paths, and whether the whole engine runs the dense model instead. This module is the one
+home of those choices (:func:`decide`); ``build_engine`` and the latency measurement both call it.
 
-Both choices are measured on a few calibration images (their real masks): a layer keeps its sparse paths
-only where they beat its dense conv on those inputs, and the whole engine runs the dense model (BN
-folded; for an FTWT model with its heads applying the masks, so outputs stay the same) where that is
-faster than the engine with its per-layer choices.
+All are measured on a few calibration images (their real masks): the engine runs in the memory format
+(default or channels-last) it is faster in; a layer keeps its sparse paths only where they beat its
+dense conv on those inputs; and the whole engine runs the dense model (BN folded; for an FTWT model with
+its heads applying the masks, so outputs stay the same) where that is faster than the engine with its
+per-layer choices.
 """
 
 from __future__ import annotations
@@ -25,37 +26,59 @@ from ftwt_cli.engine.reference import dense_fallback
 SPARSE_MARGIN = 0.02
 
 
-def decide(engine, images: torch.Tensor | None, layers="auto", fallback="auto") -> dict:
-    """Apply the per-layer and whole-engine choice to ``engine`` (a :class:`~ftwt_cli.engine.program.SparseEngine`).
+def decide(engine, images: torch.Tensor | None, layers="auto", fallback="auto", channels_last="auto") -> dict:
+    """Apply the format, per-layer and whole-engine choices to ``engine`` (a
+    :class:`~ftwt_cli.engine.program.SparseEngine`).
 
     ``layers``: "auto" (measured on ``images`` when given, else every conv sparse), "measure", "sparse",
     "dense", a list of bools in conv order, or a collection of conv names (those run sparse).
     ``fallback``: "auto" (measured when ``images`` are given, else no), "measure", or a bool.
+    ``channels_last``: "auto" (measured when ``images`` are given, else the default format), "measure", or a bool.
     Returns what was measured (see :func:`measure`; empty when nothing was).
     """
     measure_layers = layers == "measure" or (layers == "auto" and images is not None)
     measure_whole = fallback == "measure" or (fallback == "auto" and images is not None)
-    if (measure_layers or measure_whole) and (images is None or len(images) == 0):
-        raise ValueError("layers='measure' / fallback='measure' need calibration_images")
+    measure_format = channels_last == "measure" or (channels_last == "auto" and images is not None)
+    if (measure_layers or measure_whole or measure_format) and (images is None or len(images) == 0):
+        raise ValueError("layers='measure' / fallback='measure' / channels_last='measure' need calibration_images")
     if not measure_layers and layers != "auto":
         engine.set_layers(layers)
+    engine.set_channels_last(channels_last if isinstance(channels_last, bool) else False)
     measured = {}
-    if measure_layers or measure_whole:
-        measured = engine.measure(images, layers=measure_layers, whole=measure_whole)
+    if measure_layers or measure_whole or measure_format:
+        measured = engine.measure(images, layers=measure_layers, whole=measure_whole, formats=measure_format)
     if isinstance(fallback, bool):
         engine.use_fallback(fallback)
     return measured
 
 
+def layer_flags(choice, steps: list[ConvStep]) -> list[bool]:
+    """Per conv, whether it runs sparse: ``choice`` is "sparse", "dense", bools in conv order, or names."""
+    if isinstance(choice, str):
+        if choice not in ("sparse", "dense"):
+            raise ValueError(f"layers must be 'sparse', 'dense', 'measure', a list of bools or of layer names, got {choice!r}")
+        return [choice == "sparse"] * len(steps)
+    choice = list(choice)
+    if all(isinstance(c, (bool, np.bool_)) for c in choice):
+        if len(choice) != len(steps):
+            raise ValueError(f"layers: {len(choice)} flags for {len(steps)} convs")
+        return [bool(c) for c in choice]
+    names = {s.name for s in steps}
+    unknown = set(choice) - names
+    if unknown:
+        raise ValueError(f"layers: unknown conv name(s) {sorted(unknown)}")
+    return [s.name in set(choice) for s in steps]
+
+
 @contextmanager
 def _untouched(steps: list[ConvStep]):
     """Time steps without leaving a trace: counters, mask-repeat statistics and cache are restored."""
-    saved = [(s.sparse, s.cache, dict(s.counts), s.repeats, s.lookups, set(s.seen_keys)) for s in steps]
+    saved = [(s.sparse, s.cache, dict(s.counts), s.repeats, s.lookups, set(s.seen_keys), s.extra_macs) for s in steps]
     try:
         yield
     finally:
-        for s, (sparse, cache, counts, repeats, lookups, seen) in zip(steps, saved):
-            s.sparse, s.cache, s.counts, s.repeats, s.lookups, s.seen_keys = sparse, cache, counts, repeats, lookups, seen
+        for s, (sparse, cache, counts, repeats, lookups, seen, extra) in zip(steps, saved):
+            s.sparse, s.cache, s.counts, s.repeats, s.lookups, s.seen_keys, s.extra_macs = sparse, cache, counts, repeats, lookups, seen, extra
 
 
 def _fresh(step: ConvStep, saved_stats: tuple) -> None:
@@ -89,12 +112,14 @@ def _layer_times(step: ConvStep, samples: list, reps: int) -> tuple[float, float
     return min(times[True]), min(times[False])
 
 
-def measure(engine, images: torch.Tensor, reps: int = 3, layers: bool = True, whole: bool = True) -> dict:
-    """Pick each conv's path (sparse or dense) and the whole engine's (engine or dense model) from
-    timings on ``images`` [N, 3, H, W] (a few calibration images; their masks are the heads' own).
+def measure(engine, images: torch.Tensor, reps: int = 3, layers: bool = True, whole: bool = True, formats: bool = False) -> dict:
+    """Pick the engine's memory format (``formats``), each conv's path (sparse or dense) and the whole
+    engine's (engine or dense model) from timings on ``images`` [N, 3, H, W] (a few calibration images;
+    their masks are the heads' own).
 
-    Returns ``{"images", "layers": [{name, block, sparse, sparse_us, dense_us, keep, active_in, macs}],
-    "engine_ms", "dense_ms", "dense_channels_last", "fallback"}`` (the whole-engine entries when ``whole``).
+    Returns ``{"images", "engine_channels_last", "format_ms", "layers": [{name, block, sparse,
+    sparse_us, dense_us, keep, active_in, macs}], "engine_ms", "dense_ms", "dense_channels_last",
+    "fallback"}`` (each part when it was measured).
     """
     images = images.detach()
     if images.dim() != 4 or images.shape[0] == 0:
@@ -103,6 +128,8 @@ def measure(engine, images: torch.Tensor, reps: int = 3, layers: bool = True, wh
     steps = engine.steps
     report: dict = {"images": len(images), "layers": []}
     with torch.no_grad():
+        if formats:
+            report.update(_choose_format(engine, images, reps))
         if layers:
             for step in steps:
                 step.samples = []
@@ -143,6 +170,38 @@ def _choose_layer(step: ConvStep, block: int | None, samples: list, reps: int) -
     }
 
 
+def _timed_rounds(candidates: dict, images: torch.Tensor, reps: int, before=None) -> dict[str, float]:
+    """Best per-image ms of each candidate (callable on a batch-1 input), rounds alternated."""
+    times: dict[str, list[float]] = {k: [] for k in candidates}
+    for round_, batch in enumerate(_rounds(list(images), reps)):
+        order = list(candidates) if round_ % 2 == 0 else list(candidates)[::-1]
+        for name in order:
+            if before is not None:
+                before(name)
+            start = time.perf_counter_ns()
+            for image in batch:
+                candidates[name](image[None])
+            if round_:
+                times[name].append((time.perf_counter_ns() - start) / 1e6 / len(batch))
+    return {k: min(v) for k, v in times.items()}
+
+
+def _choose_format(engine, images: torch.Tensor, reps: int) -> dict:
+    """The engine in the default and in the channels-last memory format, alternated: keep the faster."""
+    steps = engine.steps
+    with _untouched(steps):
+        stats = [(s.repeats, s.lookups, set(s.seen_keys)) for s in steps]
+
+        def switch(name: str) -> None:
+            engine.set_channels_last(name == "channels_last")
+            for step, saved in zip(steps, stats):
+                _fresh(step, saved)
+
+        best = _timed_rounds({"default": engine._run, "channels_last": engine._run}, images, reps, before=switch)
+    engine.set_channels_last(best["channels_last"] < best["default"])
+    return {"engine_channels_last": engine.channels_last, "format_ms": best}
+
+
 def _choose_whole(engine, images: torch.Tensor, reps: int) -> dict:
     """Engine (with its per-layer choices) against the dense model in both memory formats, alternated."""
     candidates = {
@@ -150,22 +209,16 @@ def _choose_whole(engine, images: torch.Tensor, reps: int) -> dict:
         "dense": dense_fallback(engine.source, engine.input_size),
         "dense_channels_last": dense_fallback(engine.source, engine.input_size, channels_last=True),
     }
-    times: dict[str, list[float]] = {k: [] for k in candidates}
     steps = engine.steps
     with _untouched(steps):
         stats = [(s.repeats, s.lookups, set(s.seen_keys)) for s in steps]
-        for round_, batch in enumerate(_rounds(list(images), reps)):
-            order = list(candidates) if round_ % 2 == 0 else list(candidates)[::-1]
-            for name in order:
-                if name == "engine":
-                    for step, saved in zip(steps, stats):
-                        _fresh(step, saved)
-                start = time.perf_counter_ns()
-                for image in batch:
-                    candidates[name](image[None])
-                if round_:
-                    times[name].append((time.perf_counter_ns() - start) / 1e6 / len(batch))
-    best = {k: min(v) for k, v in times.items()}
+
+        def fresh(name: str) -> None:
+            if name == "engine":
+                for step, saved in zip(steps, stats):
+                    _fresh(step, saved)
+
+        best = _timed_rounds(candidates, images, reps, before=fresh)
     dense_name = min(("dense", "dense_channels_last"), key=best.__getitem__)
     use_dense = best[dense_name] < best["engine"]
     engine.fallback = candidates[dense_name] if use_dense else None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ftwt_cli.engine.compact import Compact
+from ftwt_cli.engine.compact import Compact, put_channels, take_channels, zeros_like_format
 from ftwt_cli.engine.cost import best_threshold
 from ftwt_cli.engine.geometry import ConvGeometry
 
@@ -63,23 +63,23 @@ def run_core(
     if ki == core.in_idx.size:
         xc = x.values
     else:
-        xc = x.values.new_zeros((1, core.in_idx.size, *x.values.shape[2:]))
-        xc.index_copy_(1, torch.from_numpy(core.in_pos[x.idx]), x.values)
+        xc = zeros_like_format(x.values, (x.values.shape[0], core.in_idx.size, *x.values.shape[2:]))
+        put_channels(xc, torch.from_numpy(core.in_pos[x.idx]), x.values)
     yc = g.conv(xc, core.weight, core.bias)
     in_core = core.out_mask[oidx]  # which kept filters the core computed
     n_core = int(np.count_nonzero(in_core))
     if n_core == core.out_idx.size and n_core == ko:
         return yc
     if n_core == ko:
-        return yc.index_select(1, torch.from_numpy(core.out_pos[oidx]))
+        return take_channels(yc, torch.from_numpy(core.out_pos[oidx]))
     counts["core_extra"] += 1
     extra = oidx[~in_core]
     rows = (extra[:, None] * g.in_per_group + x.idx[None, :]).ravel()
     weight = g.rows.index_select(0, torch.from_numpy(rows)).view(extra.size, ki, *g.weight.shape[2:])
     ye = g.conv(x.values, weight, g.bias.index_select(0, torch.from_numpy(extra)))
-    out = yc.new_empty((1, ko, *yc.shape[2:]))
+    out = zeros_like_format(yc, (yc.shape[0], ko, *yc.shape[2:]))
     if n_core:
         core_kept = oidx[in_core]
-        out.index_copy_(1, torch.from_numpy(np.flatnonzero(in_core)), yc.index_select(1, torch.from_numpy(core.out_pos[core_kept])))
-    out.index_copy_(1, torch.from_numpy(np.flatnonzero(~in_core)), ye)
+        put_channels(out, torch.from_numpy(np.flatnonzero(in_core)), take_channels(yc, torch.from_numpy(core.out_pos[core_kept])))
+    put_channels(out, torch.from_numpy(np.flatnonzero(~in_core)), ye)
     return out

@@ -39,11 +39,10 @@ def folded_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> nn.Conv2d:
 class ConvGeometry:
     """A BN-folded conv's weights and shapes, laid out for slicing; never changes after the build.
 
-    Weights are stored out-major and followed by one zero kernel: a slice is one gather of kh·kw runs,
-    and a padding row (index out · in) gathers zeros. Sliced convs get shapes rounded up to one of
-    SHAPE_BUCKETS sizes per channel dimension (zero filters / zero inputs pad them): oneDNN builds a
-    kernel per new shape, which costs about as much as the conv itself, and per-sample masks would
-    otherwise make nearly every shape new.
+    Weights are stored out-major: a slice is one gather of kh·kw runs. Where a sliced conv runs on
+    oneDNN, its filter count is rounded up to one of SHAPE_BUCKETS sizes (zero filters pad it): oneDNN
+    builds a kernel per new shape, which costs about as much as the conv itself, and per-sample masks
+    would otherwise make nearly every shape new.
     """
 
     def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, in_shape, out_hw, key: int, name: str = "") -> None:
@@ -51,16 +50,12 @@ class ConvGeometry:
             raise NotImplementedError("sparse conv supports zero padding only")
         weight, bias = fold(conv, bn)
         self.kernel = weight[0, 0].numel()
-        flat = weight.new_zeros(weight.numel() + self.kernel)
-        flat[: weight.numel()] = weight.reshape(-1)
-        self.weight = flat[: weight.numel()].view(weight.shape)
-        self.rows = flat.view(-1, self.kernel)  # [out · in + 1, kh · kw]
+        self.weight = weight.clone(memory_format=torch.contiguous_format)
+        self.rows = self.weight.view(-1, self.kernel)  # [out · in, kh · kw]
         self.filters = self.weight.view(self.weight.shape[0], -1)  # [out, in · kh · kw]
-        self.padded_bias = torch.cat([bias, bias.new_zeros(1)])  # index out: a padding filter's zero bias
-        self.bias = self.padded_bias[:-1]
+        self.bias = bias.contiguous()
         self.out_channels, self.in_per_group = self.weight.shape[:2]
         self.bucket_out = max(8, self.out_channels // SHAPE_BUCKETS) if SHAPE_BUCKETS else 1
-        self.bucket_in = max(8, self.in_per_group // SHAPE_BUCKETS) if SHAPE_BUCKETS else 1
         self.groups = conv.groups
         self.depthwise = conv.groups == conv.in_channels == conv.out_channels
         self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation

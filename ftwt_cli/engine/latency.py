@@ -2,8 +2,11 @@
 
 Dense reference: the same weights without heads or masks, with every BN folded into its conv
 (:func:`~ftwt_cli.engine.reference.folded_dense`), run as a plain ``nn.Module`` in the faster of the default and the
-channels-last memory format (timed on the warm-up images). Dense and engine run alternately on each
-image (their order swapping every image) so that both share the machine's drift; medians are reported.
+channels-last memory format (timed on the calibration images). Dense, engine and any other model given
+(``others``: e.g. a static model at the same FLOPs) run alternately on each image (their order rotating
+every image) so that all share the machine's drift; medians and 90th percentiles are reported. With
+``batch_sizes`` the engine's grouped batches are timed against dense at those sizes too
+(:mod:`~ftwt_cli.engine.throughput`).
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ from ftwt_cli.console import progress_bar
 from ftwt_cli.core.flops import FlopsCounter
 from ftwt_cli.core.gating import FTWTModel
 from ftwt_cli.engine.choice import decide
-from ftwt_cli.engine.program import build_engine
+from ftwt_cli.engine.program import DEFAULT_MEMORY_MB, SparseEngine, build_engine
 from ftwt_cli.engine.reference import dense_fallback
+from ftwt_cli.engine.throughput import batched_throughput
 
 #: Calibration images for the engine's per-layer and whole-engine choice (taken from the layout images;
 #: each timed round sees images of its own, 2 per round at the default 3 rounds + warm-up).
@@ -47,6 +51,33 @@ def dense_reference(model: nn.Module, input_size: tuple[int, int], images: torch
     return candidates[channels_last], {"dense_channels_last": channels_last, "dense_default_ms": best[False], "dense_channels_last_ms": best[True]}
 
 
+def prepared_engine(
+    model: nn.Module,
+    input_size: tuple[int, int],
+    layout_images: torch.Tensor,
+    cache_mb: float = 64.0,
+    calibrate: bool = True,
+    memory_mb: float = DEFAULT_MEMORY_MB,
+    prototypes: dict | None = None,
+) -> SparseEngine:
+    """An engine with its pre-sliced sub-networks fitted on ``layout_images`` (all but the first
+    ``CALIBRATION_IMAGES`` when there are twice as many; or ``prototypes`` sliced on them) and its static cores; its format, per-layer and whole-engine choices are left to
+    :func:`latency_report` (they depend on the thread count). ``engine.fitted`` / ``engine.layout``
+    say what was fitted."""
+    engine = build_engine(model, input_size, cache_mb=cache_mb, calibrate=calibrate, layers="sparse", fallback=False, memory_mb=memory_mb, channels_last=False)
+    engine.fitted = {}
+    # The first CALIBRATION_IMAGES make the timed choices: fitted on the others, so that the choices see
+    # masks the prototypes were not fitted on, as the timed images are.
+    fit_on = layout_images[CALIBRATION_IMAGES:] if len(layout_images) >= 2 * CALIBRATION_IMAGES else layout_images
+    if isinstance(model, FTWTModel) and prototypes is not None:
+        engine.load_prototypes(prototypes, fit_on if len(fit_on) else None)
+        engine.fitted = engine.prototype_report()
+    elif isinstance(model, FTWTModel) and len(fit_on):
+        engine.fitted = engine.fit_prototypes(fit_on)
+    engine.layout = engine.fit_layout(layout_images) if len(layout_images) else {}
+    return engine
+
+
 def latency_report(
     model: nn.Module,
     images: torch.Tensor,
@@ -57,98 +88,167 @@ def latency_report(
     layout_images: torch.Tensor | None = None,
     layers="auto",
     fallback="auto",
+    memory_mb: float = DEFAULT_MEMORY_MB,
+    prototypes: dict | None = None,
+    others: dict[str, nn.Module] | None = None,
+    batch_sizes=(),
+    channels_last="auto",
+    engine: SparseEngine | None = None,
 ) -> dict:
     """Median batch-1 latency of dense vs engine over ``images`` [N, 3, H, W], with FLOPs measured on them.
 
     ``model`` is an eval-mode FTWTModel (or a dense backbone: the identity case) on CPU. The weight cache
-    is emptied after the warm-up, so its hit rate counts only masks seen during the measured pass.
-    ``calibrate`` times the engine's conv strategies on this machine at build time. ``layout_images``
-    (e.g. training images) fit the engine's static cores (:meth:`SparseEngine.fit_layout`) and, the
-    first few of them, choose per layer between sparse paths and the dense conv and for the whole
-    engine between the engine and the dense model (``layers``/``fallback`` as in ``build_engine``:
-    "auto" measures); without them the warm-up images are used (``layout_images`` says which).
-    ``flops_reduction_pct`` (the one in ``ratio``) charges the heads' MACs.
+    and the path counters are reset after the warm-up, so hit rates and prototype coverage count only
+    the measured pass. ``calibrate`` times the engine's conv strategies on this machine at build time.
+    ``layout_images`` (e.g. held-out training images) fit the engine's pre-sliced sub-networks within
+    ``memory_mb`` (or, with ``prototypes``, plain-list prototype sets such as a checkpoint's, slice
+    them) and its static cores (:meth:`SparseEngine.fit_layout`), and, the first few of them, choose
+    the engine's memory format, per layer between sparse paths and the dense conv, and for the whole
+    engine between the engine and the dense model (``layers``/``fallback``/``channels_last`` as in
+    ``build_engine``: "auto" measures); without them the warm-up images are used (``layout_images``
+    says which). ``engine`` (from :func:`prepared_engine`) skips the build and fitting; its choices are
+    made again at ``threads``. ``flops_reduction_pct`` (the one in ``ratio``) charges the heads' MACs.
+    ``others`` (name → module) are timed beside dense and engine (``{name}_ms``, ``{name}_p90_ms``,
+    ``engine_over_{name}``); ``batch_sizes`` adds ``batched`` (see :func:`batched_throughput`). For an
+    FTWT model the engine's outputs and masks on the timed images are compared with the gated model's
+    (``max_abs_error``, ``max_rel_error`` relative to the largest output, ``mask_mismatches``).
     """
     if images.dim() != 4 or images.shape[0] == 0:
         raise ValueError(f"images must be a non-empty [N, 3, H, W] tensor, got shape {tuple(images.shape)}")
     images = images.detach().cpu()
     size = tuple(images.shape[2:])
+    others = dict(others or {})
+    gated = isinstance(model, FTWTModel)
+    if layout_images is None:
+        layout_source = f"the {warmup} warm-up images (cycled from the timed set)" if warmup else "none"
+        layout_images = images[torch.arange(warmup) % len(images)] if warmup else images[:0]
+    else:
+        layout_source = f"{len(layout_images)} separate images"
+    layout_images = layout_images.detach().cpu()
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        engine = build_engine(model, size, cache_mb=cache_mb, calibrate=calibrate, layers="sparse", fallback=False)
-        if layout_images is None:
-            layout_source = f"the {warmup} warm-up images (cycled from the timed set)" if warmup else "none"
-            layout_images = images[torch.arange(warmup) % len(images)] if warmup else images[:0]
-        else:
-            layout_source = f"{len(layout_images)} separate images"
-        layout_images = layout_images.detach().cpu()
-        layout = engine.fit_layout(layout_images) if len(layout_images) else {}
+        if engine is None:
+            engine = prepared_engine(model, size, layout_images, cache_mb, calibrate, memory_mb, prototypes)
+        engine.fallback = None
         calibration = (layout_images if len(layout_images) else images)[:CALIBRATION_IMAGES]
-        measured = decide(engine, calibration, layers, fallback)  # calibration images at hand: "auto" measures
+        measured = decide(engine, calibration, layers, fallback, channels_last)  # calibration images at hand: "auto" measures
         dense, dense_info = dense_reference(model, size, calibration, rounds=2 if warmup else 1)
-        gated = isinstance(model, FTWTModel)
-        counter = FlopsCounter(model.graph) if gated else None
-        dense_ms, engine_ms, masks = [], [], [[] for _ in range(engine.num_blocks)]
+        timed = {"dense": dense, "engine": engine, **others}
+        ms: dict[str, list[float]] = {name: [] for name in timed}
+        masks: list[list[torch.Tensor]] = [[] for _ in range(engine.num_blocks)]
+        outputs = []
         with torch.inference_mode():
             for i in range(warmup):
                 x = images[i % len(images)][None]
-                dense(x)
-                engine(x)
+                for fn in timed.values():
+                    fn(x)
             engine.cache.clear()
-            counts_before = engine.strategy_counts()
+            for step in engine.steps:
+                step.counts = dict.fromkeys(step.counts, 0)
+                step.extra_macs = 0
+            names = list(timed)
             with progress_bar("latency (batch 1)", len(images)) as advance:
                 for i, image in enumerate(images):
                     x = image[None]
-                    if i % 2:
-                        engine_ms.append(_timed(engine, x))
-                        dense_ms.append(_timed(dense, x))
-                    else:
-                        dense_ms.append(_timed(dense, x))
-                        engine_ms.append(_timed(engine, x))
+                    shift = i % len(names)  # rotate the order so that no model always runs first
+                    for name in names[shift:] + names[:shift]:
+                        start = time.perf_counter_ns()
+                        out = timed[name](x)
+                        ms[name].append((time.perf_counter_ns() - start) / 1e6)
+                        if name == "engine":
+                            outputs.append(out)
                     for block, mask in enumerate(engine.block_masks()):
                         masks[block].append(mask)
-                    advance(info=f"dense {statistics.median(dense_ms):.2f} ms, engine {statistics.median(engine_ms):.2f} ms")
-        counts = {k: v - counts_before.get(k, 0) for k, v in engine.strategy_counts().items()}
+                    advance(info=f"dense {statistics.median(ms['dense']):.2f} ms, engine {statistics.median(ms['engine']):.2f} ms")
+        counts = engine.strategy_counts()
+        use = engine.prototype_report() if gated else {}
+        batched = batched_throughput(engine, images, batch_sizes) if batch_sizes else None
     finally:
         torch.set_num_threads(previous_threads)
 
-    dense_median, engine_median = statistics.median(dense_ms), statistics.median(engine_ms)
+    dense_median, engine_median = statistics.median(ms["dense"]), statistics.median(ms["engine"])
     latency_reduction = 100.0 * (1.0 - engine_median / dense_median)
-    if counter is not None:
+    exactness: dict = {}
+    if gated:
+        counter = FlopsCounter(model.graph)
         macs = counter.macs_from_masks([torch.stack(m) for m in masks]).mean().item()
         flops_reduction = float(counter.reduction_pct(macs, with_heads=True))
         flops_no_heads = float(counter.reduction_pct(macs))
+        exactness = against_gated(model, images, torch.cat(outputs), [torch.stack(m) for m in masks])
     else:
         flops_reduction = flops_no_heads = 0.0
-    layer_report = measured.get("layers", [])
-    return {
+    report = {
         "samples": len(images),
         "threads": threads,
         "warmup": warmup,
         "dense_ms": dense_median,
         "engine_ms": engine_median,
-        "dense_p90_ms": _quantile(dense_ms, 0.9),
-        "engine_p90_ms": _quantile(engine_ms, 0.9),
+        "dense_p90_ms": _quantile(ms["dense"], 0.9),
+        "engine_p90_ms": _quantile(ms["engine"], 0.9),
         "latency_reduction_pct": latency_reduction,
         "flops_reduction_pct": flops_reduction,
         "flops_reduction_no_heads_pct": flops_no_heads,
         "ratio": latency_reduction / flops_reduction if flops_reduction > 0 else float("nan"),
         "fallback": engine.fallback is not None,
+        "engine_channels_last": engine.channels_last,
         "sparse_layers": engine.sparse_layers(),
         "sparse_layer_count": len(engine.sparse_layers()),
         "conv_layer_count": len(engine.convs),
-        "layers": layer_report,
+        "layers": measured.get("layers", []),
         "calibration": {k: v for k, v in measured.items() if k != "layers"},
         **dense_info,
         "cache_mb": cache_mb,
         "cache_hit_rate": engine.cache.hit_rate,
         "calibrated": calibrate,
         "layout_images": layout_source,
-        "core_mac_fraction": layout.get("mean_core_mac_fraction", float("nan")),
+        "core_mac_fraction": getattr(engine, "layout", {}).get("mean_core_mac_fraction", float("nan")),
         "strategy_counts": counts,
+        "prototypes": _fit_summary(getattr(engine, "fitted", {}), engine.memory.budget / 2**20),
+        "prototype_use": {k: use[k] for k in ("calls", "coverage", "uncovered", "over_cap", "built_at_run_time", "extra_mac_pct", "memory_mb")} if use else None,
+        **exactness,
         "dense_reference": "backbone without heads, BN folded into convs, faster of default/channels-last",
     }
+    for name in others:
+        median = statistics.median(ms[name])
+        report.update({f"{name}_ms": median, f"{name}_p90_ms": _quantile(ms[name], 0.9), f"engine_over_{name}": engine_median / median})
+    if batched is not None:
+        report["batched"] = batched
+    return report
+
+
+def against_gated(model: FTWTModel, images: torch.Tensor, outputs: torch.Tensor, masks: list[torch.Tensor]) -> dict:
+    """The engine's ``outputs`` [N, ...] and block ``masks`` (bool [N, C] each) against the gated model's on
+    ``images``: largest absolute difference, that relative to the largest output, (image, block) pairs
+    whose masks differ (a logit within float rounding of 0 can flip)."""
+    recording = [b.record for b in model.blocks]
+    model.configure(record=True)
+    worst = scale = 0.0
+    mismatches = 0
+    try:
+        with torch.no_grad():
+            for start in range(0, len(images), 16):
+                chunk = slice(start, start + 16)
+                expected = model(images[chunk])
+                worst = max(worst, (outputs[chunk] - expected).abs().max().item())
+                scale = max(scale, expected.abs().max().item())
+                for record, mask in zip(model.records(), masks):
+                    mismatches += int((record.mask[:, : mask.shape[1]].bool() != mask[chunk]).any(dim=1).sum())
+    finally:
+        for block, flag in zip(model.blocks, recording):
+            block.record = flag
+            if not flag:
+                block.last = None
+    return {"max_abs_error": worst, "max_rel_error": worst / scale if scale else 0.0, "mask_mismatches": mismatches}
+
+
+def _fit_summary(fitted: dict, memory_mb: float) -> dict:
+    """The prototypes as fitted before timing (plain figures; what the timed calls did is ``prototype_use``)."""
+    keys = ("layers", "prototypes", "subconvs", "fitted_on", "source")
+    summary = {k: fitted.get(k) for k in keys} if fitted else dict.fromkeys(keys)
+    summary["memory_cap_mb"] = memory_mb
+    summary["fitted_memory_mb"] = fitted.get("memory_mb") if fitted else None
+    return summary
 
 
 def kernel_floor(model: FTWTModel, images: torch.Tensor, threads: int = 1, reps: int = 3) -> dict:

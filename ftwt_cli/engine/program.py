@@ -1,33 +1,27 @@
 """Graph compilation: an FTWT model (or a dense backbone) traced once with torch.fx and compiled into a
-flat program of steps over numbered slots (no fx interpreter at run time).
-
-* gated block / conv: a :class:`~ftwt_cli.engine.conv.ConvStep` (head in numpy, then only the kept filters);
-* zero-preserving channel-wise layers (activations with f(0) = 0, pooling, dropout, identity, the same
-  list graph.py uses for producers) act on the compact values and keep the indices;
-* residual adds combine by index; flatten of a 1×1 map and linear layers keep the compact form;
-* anything else scatters its inputs to full width and runs unchanged (a dense fallback).
+flat program of steps over numbered slots (no fx interpreter at run time), one for batch 1 and one for
+batches (:mod:`~ftwt_cli.engine.batched`); what each node becomes is :mod:`~ftwt_cli.engine.nodes`.
 """
 
 from __future__ import annotations
-
-import operator
 
 import numpy as np
 import torch
 import torch.fx
 from torch import nn
-from torch.fx.node import map_arg
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ftwt_cli.core.batchnorm import LeafTracer
 from ftwt_cli.core.gating import FTWTModel, GatedBlock
-from ftwt_cli.core.graph import is_zero_preserving
-from ftwt_cli.engine import choice
+from ftwt_cli.engine import choice, fitting, nodes
 from ftwt_cli.engine.cache import WeightCache
-from ftwt_cli.engine.compact import Compact, add, as_compact, as_dense, flatten, linear
-from ftwt_cli.engine.conv import ConvStep
-from ftwt_cli.engine.geometry import ConvGeometry
+from ftwt_cli.engine.conv import ConvStep, EngineMemory
+from ftwt_cli.engine.liveness import writable_operands
+from ftwt_cli.engine.prototypes import Prototypes
 from ftwt_cli.engine.reference import dense_fallback, folded_dense
+
+#: Default cap on the pre-sliced sub-convs' memory (``--engine-memory-mb``).
+DEFAULT_MEMORY_MB = 256.0
 
 
 class _LeafGatedBlocks(LeafTracer):  # BN modules and modules fx cannot trace stay leaves, as in core.graph
@@ -36,7 +30,7 @@ class _LeafGatedBlocks(LeafTracer):  # BN modules and modules fx cannot trace st
 
 
 class SparseEngine(nn.Module):
-    """Batch-1 sparse execution of a gated (or dense) backbone; see :mod:`ftwt_cli.engine`."""
+    """Sparse execution of a gated (or dense) backbone; see :mod:`ftwt_cli.engine`."""
 
     def __init__(
         self,
@@ -45,6 +39,7 @@ class SparseEngine(nn.Module):
         cache_mb: float = 64.0,
         strategy: str = "auto",
         gather_cost_macs: float | None = None,
+        memory_mb: float = DEFAULT_MEMORY_MB,
     ) -> None:
         super().__init__()
         gated = isinstance(model, FTWTModel)
@@ -54,19 +49,21 @@ class SparseEngine(nn.Module):
         self.source = model  # for the whole-engine fallback (built on demand)
         self.block_index = {id(b): i for i, b in enumerate(model.blocks)} if gated else {}
         self.cache = WeightCache(cache_mb)
+        self.memory = EngineMemory(memory_mb)
         self.strategy = strategy
         self.gather_cost_macs = gather_cost_macs
+        self.channels_last = False
+        self.fitted_on = 0  # held-out images the prototypes were fitted on
         self.graph_module = torch.fx.GraphModule(backbone, _LeafGatedBlocks().trace(backbone))
         param = next(backbone.parameters())
         with torch.no_grad():
             ShapeProp(self.graph_module).propagate(torch.zeros(1, 3, *input_size, dtype=param.dtype))
         self.modules_by_name = dict(self.graph_module.named_modules())
         self.convs: list[tuple[int | None, ConvStep]] = []  # (block index or None, step)
-        # Compiled program: (output slot, step(slots) -> value); slot i is the i-th node in graph order,
-        # except that identity layers (nn.Identity: the BNs folded away; eval-mode dropout) get no step
-        # and share their input's slot.
+        # Slot i is the i-th node in graph order, except that identity layers (nn.Identity: the BNs
+        # folded away; eval-mode dropout) get no step and share their input's slot.
         self.slot: dict[torch.fx.Node, int] = {}
-        self.program = []
+        order = []
         for i, node in enumerate(self.graph_module.graph.nodes):
             module = self.modules_by_name.get(node.target) if node.op == "call_module" else None
             identity = isinstance(module, nn.Identity) or (isinstance(module, nn.Dropout) and not module.training)
@@ -74,10 +71,20 @@ class SparseEngine(nn.Module):
                 self.slot[node] = self.slot[node.args[0]]
                 continue
             self.slot[node] = i
-            self.program.append((i, self._handler(node)))
+            order.append(node)
+        kinds = {node: nodes.kind(node, self.modules_by_name) for node in order}
+        writable = writable_operands(order, self.slot, kinds)
+        self.program, self.grouped_program = [], []
+        for node in order:
+            single, grouped = nodes.compile_node(self, node, writable.get(node, (False, False)))
+            self.program.append((self.slot[node], single))
+            self.grouped_program.append((self.slot[node], grouped))
         self.num_slots = len(self.slot)
+        for step in self.steps:  # a block routed among a codebook's prototypes: those are its sub-networks
+            if step.head is not None and step.head.prototypes is not None:
+                step.set_prototypes(Prototypes(step.head.prototypes, "codebook"))
         self.fallback: nn.Module | None = None  # set: the whole engine runs this dense module instead
-        self.measurement: dict | None = None  # what fallback.measure found (per-layer and whole-engine times)
+        self.measurement: dict | None = None  # what choice.measure found (per-layer and whole-engine times)
 
     @property
     def num_blocks(self) -> int:
@@ -97,27 +104,20 @@ class SparseEngine(nn.Module):
                 masks[block] = torch.from_numpy(step.last_mask)
         return masks
 
-    def set_layers(self, choice) -> None:
+    def batch_masks(self) -> list[torch.Tensor]:
+        """Kept-output masks (bool [B, C]) of every image of the last batch (B > 1), in block order."""
+        if self.fallback is not None and self.gated:
+            return list(self.fallback.last_masks())
+        masks: list[torch.Tensor] = [torch.empty(0)] * self.num_blocks
+        for block, step in self.convs:
+            if block is not None and step.last_masks is not None:
+                masks[block] = torch.from_numpy(step.last_masks)
+        return masks
+
+    def set_layers(self, choice_) -> None:
         """Which convs take their sparse paths: "sparse" (all), "dense" (all run the dense conv), a
         sequence of bools in program order, or a collection of layer names (those run sparse)."""
-        steps = self.steps
-        if isinstance(choice, str):
-            if choice not in ("sparse", "dense"):
-                raise ValueError(f"layers must be 'sparse', 'dense', 'measure', a list of bools or of layer names, got {choice!r}")
-            flags = [choice == "sparse"] * len(steps)
-        else:
-            choice = list(choice)
-            if all(isinstance(c, (bool, np.bool_)) for c in choice):
-                if len(choice) != len(steps):
-                    raise ValueError(f"layers: {len(choice)} flags for {len(steps)} convs")
-                flags = [bool(c) for c in choice]
-            else:
-                names = {s.name for s in steps}
-                unknown = set(choice) - names
-                if unknown:
-                    raise ValueError(f"layers: unknown conv name(s) {sorted(unknown)}")
-                flags = [s.name in set(choice) for s in steps]
-        for step, flag in zip(steps, flags):
+        for step, flag in zip(self.steps, choice.layer_flags(choice_, self.steps)):
             step.sparse = flag
 
     def sparse_layers(self) -> list[str]:
@@ -127,6 +127,16 @@ class SparseEngine(nn.Module):
     def use_fallback(self, enabled: bool) -> None:
         """Run the whole engine as the dense model (BN folded; for an FTWT model with its heads and masks)."""
         self.fallback = dense_fallback(self.source, self.input_size) if enabled else None
+
+    def set_channels_last(self, enabled: bool, choose_kernels: bool = True) -> None:
+        """Run activations in the channels-last memory format (or the default); every sub-conv is laid
+        out for it and its kernel chosen on first use of that format; cached per-call slices are dropped
+        (their shapes were chosen for the other format)."""
+        if bool(enabled) != self.channels_last:
+            self.cache.clear()
+        self.channels_last = bool(enabled)
+        for step in self.steps:
+            step.prepare(self.channels_last, choose_kernels)
 
     def calibrate(self, reps: int = 3) -> dict[int, dict[str, float]]:
         """Time every conv on this machine so that the cost model picks strategies from real costs."""
@@ -150,9 +160,28 @@ class SparseEngine(nn.Module):
         fractions = [step.core.macs for step in self.steps if step.core is not None]
         return {"layers_with_core": len(fractions), "mean_core_mac_fraction": float(np.mean(fractions)) if fractions else float("nan")}
 
-    def measure(self, images: torch.Tensor, reps: int = 3, layers: bool = True, whole: bool = True) -> dict:
+    def fit_prototypes(self, images: torch.Tensor, memory_mb: float | None = None) -> dict:
+        """Pre-slice sub-networks for the masks of held-out ``images`` within ``memory_mb`` (default: the
+        engine's cap); see :mod:`~ftwt_cli.engine.fitting`. Returns its report."""
+        if memory_mb is not None:
+            self.memory.budget = int(memory_mb * 2**20)
+        return fitting.fit_prototypes(self, images, self.memory.budget)
+
+    def load_prototypes(self, document: dict, images: torch.Tensor | None = None) -> None:
+        """Prototype sets from plain lists (a checkpoint's meta); ``images`` pre-build their sub-convs."""
+        fitting.load_prototypes(self, document)
+        if images is not None and len(images):
+            fitting.prebuild(self, images, self.memory.budget)
+
+    def prototype_lists(self) -> dict:
+        return fitting.prototype_lists(self)
+
+    def prototype_report(self) -> dict:
+        return fitting.prototype_report(self)
+
+    def measure(self, images: torch.Tensor, reps: int = 3, layers: bool = True, whole: bool = True, formats: bool = False) -> dict:
         """Never slower than dense, measured on this machine: see :func:`choice.measure`."""
-        self.measurement = choice.measure(self, images, reps=reps, layers=layers, whole=whole)
+        self.measurement = choice.measure(self, images, reps=reps, layers=layers, whole=whole, formats=formats)
         return self.measurement
 
     def strategy_counts(self) -> dict[str, int]:
@@ -163,85 +192,6 @@ class SparseEngine(nn.Module):
                 total[k] = total.get(k, 0) + v
         return total
 
-    def _handler(self, node: torch.fx.Node):
-        slot = self.slot
-        if node.op == "placeholder":
-            return lambda s: Compact.of(s[-1])  # the input sits in the last slot
-        if node.op == "output":
-            return lambda s: map_arg(node.args[0], lambda n: as_dense(s[slot[n]]))
-        module = self.modules_by_name.get(node.target) if node.op == "call_module" else None
-        if isinstance(module, (GatedBlock, nn.Conv2d)):
-            gated = isinstance(module, GatedBlock)
-            conv, bn, head = (module.conv, module.bn, module.head) if gated else (module, None, None)
-            in_shape = node.args[0].meta["tensor_meta"].shape
-            out_hw = node.meta["tensor_meta"].shape[2:]
-            geometry = ConvGeometry(conv, bn, in_shape, out_hw, key=len(self.convs), name=str(node.target))
-            step = ConvStep(geometry, head, self.cache, strategy=self.strategy, gather_cost_macs=self.gather_cost_macs)
-            self.convs.append((self.block_index[id(module)] if gated else None, step))
-            i = slot[node.args[0]]
-            return lambda s: step(as_compact(s[i]))
-        if isinstance(module, nn.Linear):
-            i = slot[node.args[0]]
-            return lambda s: linear(module, as_compact(s[i]))
-        if is_zero_preserving(node, self.modules_by_name) and isinstance(node.args[0], torch.fx.Node):
-            return self._channelwise(node, module)
-        if node.op == "call_function" and node.target in (operator.add, torch.add, operator.iadd) and len(node.args) == 2:
-            a, b = node.args
-            if isinstance(a, torch.fx.Node) and isinstance(b, torch.fx.Node) and not node.kwargs:
-                i, j = slot[a], slot[b]
-                return lambda s: add(as_compact(s[i]), as_compact(s[j]))
-        if _is_flatten_from_channels(node):
-            i = slot[node.args[0]]
-            return lambda s: flatten(s[i])
-        return self._dense_node(node, module)
-
-    def _channelwise(self, node: torch.fx.Node, module: nn.Module | None):
-        """A zero-preserving, channel-wise op: run it on the compact values, keep the index."""
-        slot = self.slot
-        i, rest, kwargs = slot[node.args[0]], node.args[1:], node.kwargs
-        if module is not None:
-            # Bound forward: skips nn.Module.__call__ (hook dispatch, ~2 µs a call); channel-wise
-            # zero-preserving layers carry no hooks here.
-            op = module.forward if not (module._forward_hooks or module._forward_pre_hooks) else module
-        elif node.op == "call_function":
-            op = node.target
-        else:
-            op = lambda v, *a, **k: getattr(v, node.target)(*a, **k)  # noqa: E731
-        if not any(isinstance(a, torch.fx.Node) for a in rest):
-            rest = tuple(rest)
-
-            def run(s):
-                c = as_compact(s[i])
-                return c.with_values(op(c.values, *rest, **kwargs))
-
-            return run
-
-        def run_with_args(s):
-            c = as_compact(s[i])
-            return c.with_values(op(c.values, *map_arg(rest, lambda n: s[slot[n]]), **kwargs))
-
-        return run_with_args
-
-    def _dense_node(self, node: torch.fx.Node, module: nn.Module | None):
-        """Anything else: scatter compact inputs to full width and run the node as traced."""
-        slot = self.slot
-        if node.op == "get_attr":
-            value = operator.attrgetter(node.target)(self.graph_module)
-            return lambda s: value
-        if node.op == "call_module":
-            op = module
-        elif node.op == "call_function":
-            op = node.target
-        else:
-            op = lambda self_, *a, **k: getattr(self_, node.target)(*a, **k)  # noqa: E731
-
-        def run(s):
-            args = map_arg(node.args, lambda n: as_dense(s[slot[n]]))
-            kwargs = map_arg(node.kwargs, lambda n: as_dense(s[slot[n]]))
-            return op(*args, **kwargs)
-
-        return run
-
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fallback is not None:
@@ -249,12 +199,12 @@ class SparseEngine(nn.Module):
         return self._run(x)
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] != 1:  # each sample has its own masks: run them one by one
-            return torch.cat([self._run(sample[None]) for sample in x])
+        # In the channels-last format the first conv's weights convert the input (its head pools it as given).
+        program = self.program if x.shape[0] == 1 else self.grouped_program
         s: list = [None] * self.num_slots + [x]
-        for out, step in self.program:
+        for out, step in program:
             s[out] = step(s)
-        return s[self.program[-1][0]]
+        return s[program[-1][0]]
 
 
 def build_engine(
@@ -267,33 +217,42 @@ def build_engine(
     calibration_images: torch.Tensor | None = None,
     layers="auto",
     fallback="auto",
+    prototype_images: torch.Tensor | None = None,
+    memory_mb: float = DEFAULT_MEMORY_MB,
+    prototypes: dict | None = None,
+    channels_last="auto",
 ) -> SparseEngine:
     """A :class:`SparseEngine` for an eval-mode FTWTModel (heads predict masks) or a dense backbone.
 
     ``input_size`` (H, W) is needed for a dense backbone; an FTWTModel knows it from its graph.
-    ``strategy`` forces one conv path for every sparse call ("slice", "rows", "dense", "core"; "auto" =
-    cost model). ``calibrate`` times every conv on this machine at build time and makes the cost model
-    choose from those timings instead of the fixed ``gather_cost_macs`` rule (default ``GATHER_COST_MACS``).
+    ``strategy`` forces one conv path for masks no prototype covers ("slice", "rows", "dense", "core";
+    "auto" = cost model). ``calibrate`` times every conv on this machine at build time and makes the
+    cost model choose from those timings instead of the fixed ``gather_cost_macs`` rule.
+
+    Pre-sliced sub-networks: ``prototype_images`` (held-out images) fit each gated conv's prototype sets
+    and slice their sub-convs within ``memory_mb``; ``prototypes`` (plain lists, e.g. a checkpoint's
+    ``meta["engine_prototypes"]``) gives the sets instead (their sub-convs are sliced on first use, or
+    on ``prototype_images`` when given too). A codebook's prototypes are used as they are.
 
     Never slower than dense: ``layers`` says which convs run sparse — "auto" (measured on
     ``calibration_images`` when given, else all), "measure", "sparse", "dense", a list of bools in
     conv order, or a collection of conv names; ``fallback`` whether the whole engine runs the dense
-    model instead — "auto" (measured when ``calibration_images`` are given, else no), "measure", or a bool.
-    Every choice computes the same outputs.
+    model instead — "auto" (measured when ``calibration_images`` are given, else no), "measure", or a
+    bool; ``channels_last`` the activations' memory format — "auto" (the faster one, measured when
+    ``calibration_images`` are given, else the default) or a bool. Every choice computes the same outputs.
     """
     if isinstance(model, FTWTModel):
         input_size = model.graph.input_size
     elif input_size is None:
         raise ValueError("a dense backbone needs input_size=(H, W)")
-    engine = SparseEngine(model, tuple(input_size), cache_mb=cache_mb, strategy=strategy, gather_cost_macs=gather_cost_macs).eval()
+    if not memory_mb > 0:
+        raise ValueError(f"memory_mb must be > 0, got {memory_mb}")
+    engine = SparseEngine(model, tuple(input_size), cache_mb=cache_mb, strategy=strategy, gather_cost_macs=gather_cost_macs, memory_mb=memory_mb).eval()
     if calibrate:
         engine.calibrate()
-    choice.decide(engine, calibration_images, layers, fallback)
+    if prototypes is not None:
+        engine.load_prototypes(prototypes, prototype_images)
+    elif prototype_images is not None and len(prototype_images):
+        engine.fit_prototypes(prototype_images)
+    choice.decide(engine, calibration_images, layers, fallback, channels_last)
     return engine
-
-
-def _is_flatten_from_channels(node: torch.fx.Node) -> bool:
-    if not (node.target is torch.flatten or (node.op == "call_method" and node.target == "flatten")):
-        return False
-    start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-    return start == 1 and len(node.args) <= 2 and set(node.kwargs) <= {"start_dim"}

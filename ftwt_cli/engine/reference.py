@@ -13,21 +13,30 @@ import torch
 from torch import nn
 
 from ftwt_cli.core.batchnorm import split_batchnorm
-from ftwt_cli.core.gating import FTWTModel, replace_submodule
+from ftwt_cli.core.gating import FTWTModel, GatedBlock, replace_submodule
 from ftwt_cli.core.graph import analyze
+from ftwt_cli.core.targets import top_count_mask
 from ftwt_cli.engine.geometry import folded_conv
 
 
 class _MaskedConv(nn.Module):
-    """A BN-folded conv whose (unchanged) decision head zeroes the filters it drops."""
+    """A BN-folded conv whose (unchanged) decision head zeroes the filters it drops, by its block's rule:
+    logit > 0 (binarize), its codebook's prototype, or a predefined signature's top count."""
 
-    def __init__(self, conv: nn.Conv2d, head: nn.Module) -> None:
+    def __init__(self, conv: nn.Conv2d, head: nn.Module, block: GatedBlock) -> None:
         super().__init__()
         self.conv, self.head = conv, head
+        self.codebook, self.keep_count = block.codebook, block.keep_count
         self.mask: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.mask = self.head(x) > 0  # binarize's rule
+        logits = self.head(x)
+        if self.codebook is not None:
+            self.mask = self.codebook.mask(logits) > 0
+        elif self.keep_count is not None:
+            self.mask = top_count_mask(logits, self.keep_count)
+        else:
+            self.mask = logits > 0
         return self.conv(x).mul_(self.mask[:, :, None, None].to(x.dtype))
 
 
@@ -42,7 +51,7 @@ def folded_backbone(model: nn.Module, input_size: tuple[int, int], masked: bool 
             gated = backbone.get_submodule(spec.conv)
             fused = folded_conv(gated.conv, gated.bn)
             if masked:
-                fused = _MaskedConv(fused, gated.head)
+                fused = _MaskedConv(fused, gated.head, gated)
                 gates.append(fused)
             replace_submodule(backbone, spec.conv, fused)
         return backbone, gates
