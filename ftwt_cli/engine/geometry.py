@@ -69,5 +69,10 @@ class ConvGeometry:
         """Dense MACs of this conv for one image."""
         return self.weight.numel() * self.out_hw[0] * self.out_hw[1]
 
+    @property
+    def regular(self) -> bool:
+        """An ordinary (ungrouped) conv: the one kind with slice / rows / core paths."""
+        return self.groups == 1
+
     def conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int = 1) -> torch.Tensor:
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, groups)
