@@ -114,6 +114,44 @@ def paired(rows_by_seed: dict[int, dict[str, dict]], method: str) -> dict | None
     return {"vs": BASELINE, "diffs": diffs, "mean": mean, "std": statistics.stdev(diffs), "ci95": [mean - half, mean + half]}
 
 
+def plot_codebook(rows: list[dict], path: Path, title: str) -> None:
+    """Top-1 against K for each family of ``<prefix>-codebook-K`` rows, the prefix itself (K → ∞) and the
+    static rows as horizontal lines. Written atomically (temporary file, then rename)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_method = {r["method"]: r for r in rows}
+    families: dict[str, list[tuple[int, float]]] = {}
+    for method, row in by_method.items():
+        prefix, _, k = method.partition("-codebook-")
+        if k.isdigit():
+            families.setdefault(prefix, []).append((int(k), row["top1"]))
+    if not families:
+        raise SystemExit("--plot needs codebook rows (methods named ftwt-codebook-K)")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for prefix, points in sorted(families.items()):
+        ks, top1 = zip(*sorted(points))
+        line = ax.plot(ks, top1, marker="o", label=f"{prefix}, codebook K")[0]
+        if prefix in by_method:
+            ax.axhline(by_method[prefix]["top1"], ls=":", color=line.get_color(), label=f"{prefix} (K → ∞)")
+    for method in ("static-uniform", "signature-static"):
+        if method in by_method:
+            ax.axhline(by_method[method]["top1"], ls="--", lw=1, color="grey" if method == BASELINE else "black", label=method)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("prototype masks per layer (K)")
+    ax.set_ylabel("test top-1 %")
+    ax.set_title(title, fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     protocol = parser.add_mutually_exclusive_group()
@@ -133,6 +171,7 @@ def main() -> None:
     parser.add_argument("--seeds", help="comma list of fine-tuning seeds (default: 0; --full: 0,1,2)")
     parser.add_argument("--checkpoint-dir", default=str(REPO / "runs" / "compare"), help="run directories; the dense one is reused")
     parser.add_argument("--seed", type=int, default=0, help="seed of the dense model")
+    parser.add_argument("--plot", type=Path, help="PNG of top-1 against the codebook size K (needs ftwt[-variant]-codebook-K rows)")
     args = parser.parse_args()
 
     data_dir = args.data.partition(":")[2]
@@ -245,6 +284,8 @@ def main() -> None:
             f"(goal ≥ {GOAL_POINTS:g}: {'holds' if verdict['holds'] else 'not met'}), at "
             f"{verdict['ftwt_minus_static_uniform_flops_reduction']:+.2f} points FLOPs reduction"
         )
+    if args.plot:
+        plot_codebook(rows, args.plot, f"{title}, {args.target_flops:g} % fewer FLOPs")
     if args.json:
         document = {
             "model": args.model,
