@@ -1,6 +1,8 @@
-"""Shared fixtures: a CLI runner with every plan command registered, and a tiny conv net factory."""
+"""Shared fixtures: CLI runners (a typer Result, or a command's --json document) and a tiny conv net factory."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -25,6 +27,21 @@ def run_cli():
 
     runner = CliRunner()
     return lambda *args: runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="session")
+def cli_json():
+    """``cli_json(*args)`` → the command's ``--json`` document; a non-zero exit fails with its stderr."""
+    from ftwt_cli.cli import app
+
+    runner = CliRunner()
+
+    def invoke(*args):
+        result = runner.invoke(app, [str(a) for a in args] + ["--json"])
+        assert result.exit_code == 0, result.stderr[-2000:]
+        return json.loads(result.stdout)
+
+    return invoke
 
 
 class TinyNet(nn.Module):

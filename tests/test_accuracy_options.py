@@ -9,10 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from typer.testing import CliRunner
 
 from ftwt_cli.algorithms.bn_stats import backbone_batchnorms, reestimate_batchnorm
-from ftwt_cli.cli import app
 from ftwt_cli.core.flops import FlopsCounter
 from ftwt_cli.core.gating import FTWTModel
 from ftwt_cli.core.targets import make_target
@@ -24,15 +22,8 @@ from ftwt_cli.workflows.train.objectives import Distillation, Loss
 
 
 @pytest.fixture(scope="module")
-def cli():
-    runner = CliRunner()
-
-    def invoke(*args):
-        result = runner.invoke(app, [str(a) for a in args] + ["--json"])
-        assert result.exit_code == 0, result.stderr[-2000:]
-        return json.loads(result.stdout)
-
-    return invoke
+def cli(cli_json):
+    return cli_json
 
 
 @pytest.fixture(scope="module")
