@@ -57,7 +57,8 @@ BATCH_GOAL = 1.3  # batch-8 throughput ÷ dense at the level nearest 50 %
 LEVEL_SLACK = 5.0
 TOP_KEYS = (
     "flops_reduction_pct", "latency_reduction_pct", "ratio", "dense_ms", "engine_ms", "dense_p90_ms", "engine_p90_ms",
-    "static_ms", "static_p90_ms", "static_flops_reduction_pct", "engine_over_static", "threads", "fallback", "sparse_layers",
+    "static_ms", "static_p90_ms", "static_flops_reduction_pct", "engine_over_static", "dense_with_heads_ms", "heads_cost_pct",
+    "threads", "fallback", "sparse_layers",
     "dense_channels_last", "engine_channels_last", "level", "max_abs_error", "max_rel_error", "mask_mismatches",
 )  # fmt: skip
 
@@ -120,6 +121,7 @@ def bench_model(name: str, args, directory: Path, levels: list[float], threads: 
         phase = time.time()
         static, static_reduction = static_model(name, dense_state, reduction, size, directory)
         static_run, static_info = dense_reference(static, size, layout[:8])
+        heads_run, _ = dense_reference(model, size, layout[:8], masked=True)  # dense plus the heads: what the heads alone cost
         console.print(f"{name} level {level:g} %: static model at {static_reduction:.1f} % ({time.time() - phase:.0f} s)", highlight=False)
         phase = time.time()
         engine = prepared_engine(model, size, layout, cache_mb=args.cache_mb, calibrate=not args.no_calibrate, memory_mb=args.engine_memory_mb)
@@ -129,8 +131,10 @@ def bench_model(name: str, args, directory: Path, levels: list[float], threads: 
             sizes = args.batch_sizes if (level == batched_level and count == threads[0]) else ()
             report = latency_report(
                 model, images, threads=count, cache_mb=args.cache_mb, warmup=4 if args.quick else 10, layout_images=layout,
-                others={"static": static_run}, batch_sizes=sizes, engine=engine,
+                others={"static": static_run, "dense_with_heads": heads_run}, batch_sizes=sizes, engine=engine,
+                profile_images=args.profile if count == threads[0] else 0,
             )  # fmt: skip
+            report["heads_cost_pct"] = 100.0 * (report["dense_with_heads_ms"] / report["dense_ms"] - 1.0)
             report.update(
                 level=level, checkpoint=str(path), static_flops_reduction_pct=static_reduction,
                 static_channels_last=static_info["dense_channels_last"],
@@ -143,7 +147,8 @@ def bench_model(name: str, args, directory: Path, levels: list[float], threads: 
                 f"[bold]{name}[/bold] {size[0]}×{size[1]} level {level:g} %, {count} thread(s): FLOPs ↓ {report['flops_reduction_pct']:.1f} % "
                 f"(static {static_reduction:.1f} %); dense {report['dense_ms']:.2f} ms, static {report['static_ms']:.2f} ms, "
                 f"engine {report['engine_ms']:.2f} ms (p90 {report['engine_p90_ms']:.2f}); ratio {report['ratio']:.2f}, "
-                f"engine ÷ static {report['engine_over_static']:.2f}; {report['sparse_layer_count']}/{report['conv_layer_count']} layers sparse"
+                f"engine ÷ static {report['engine_over_static']:.2f}; dense with the heads {report['dense_with_heads_ms']:.2f} ms "
+                f"(heads {report['heads_cost_pct']:+.1f} %); {report['sparse_layer_count']}/{report['conv_layer_count']} layers sparse"
                 f"{', whole-engine fallback' if report['fallback'] else ''}, {'channels-last' if report['engine_channels_last'] else 'default format'}; "
                 f"prototype coverage {100 * use.get('coverage', float('nan')):.1f} %, extra MACs {use.get('extra_mac_pct', float('nan')):.2f} %, "
                 f"{use.get('memory_mb', 0.0):.0f} MiB; max relative error {report['max_rel_error']:.1e}, {report['mask_mismatches']} mask(s) differ; "
@@ -212,6 +217,7 @@ def main() -> None:
     parser.add_argument("--cache-mb", type=float, default=64.0)
     parser.add_argument("--engine-memory-mb", type=float, default=DEFAULT_MEMORY_MB, help="cap on the pre-sliced sub-networks (MiB)")
     parser.add_argument("--layout-images", type=int, default=None, help="held-out images the prototypes are fitted on (default 64, quick 48)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N", help="add each level's operator profile on N timed images (first thread count)")
     parser.add_argument("--no-calibrate", action="store_true", help="skip timing the per-call cost model (the per-layer choice is still measured)")
     parser.add_argument("--train-only", action="store_true", help="train (or reuse) the checkpoints and stop")
     args = parser.parse_args()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -158,7 +159,12 @@ def run_model(spec: str, size: int, work: Path, quick: bool, steps: tuple[str, .
     folder.mkdir(parents=True, exist_ok=True)
     weights = folder / "dense.pt"
     if dense is not None:
-        torch.save(dense.state_dict(), weights)
+        try:
+            torch.save(dense.state_dict(), weights)
+        except (OSError, RuntimeError) as exc:  # a full disk: this model's row says so, the zoo goes on
+            row["steps"] = {step: {"status": "error" if step == steps[0] else "skipped"} for step in steps}
+            row["steps"][steps[0]]["message"] = f"saving the random weights failed: {type(exc).__name__}: {exc}"[:300]
+            return _finished(row, start)
     del dense
     run = folder / "run"
     commands = {
@@ -201,6 +207,10 @@ def run_model(spec: str, size: int, work: Path, quick: bool, steps: tuple[str, .
         if doc and step == "export":
             result["max_abs_diff"] = doc.get("check", {}).get("max_abs_diff")
         row["steps"][step] = result
+    return _finished(row, start)
+
+
+def _finished(row: dict, start: float) -> dict:
     row["seconds"] = time.perf_counter() - start
     row["passed"] = all(r["status"] == "ok" for r in row["steps"].values())
     refused = [r for r in row["steps"].values() if r["status"] == "refused"]
@@ -217,6 +227,7 @@ def main() -> None:
     parser.add_argument("--steps", default=",".join(STEPS), help=f"comma list of steps, in order (default {','.join(STEPS)})")
     parser.add_argument("--jsonl", help="append each model's row to this file as it finishes")
     parser.add_argument("--work", help="folder for weights and runs (default: a temporary one)")
+    parser.add_argument("--keep", action="store_true", help="keep each model's weights and runs (default: removed once its row is written)")
     args = parser.parse_args()
     models = args.models.split(",") if args.models else zoo_list()
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -232,6 +243,8 @@ def main() -> None:
                 if args.jsonl:
                     with open(args.jsonl, "a") as f:
                         f.write(json.dumps(row) + "\n")
+                if not args.keep:  # the big models' checkpoints would fill the disk over a whole zoo run
+                    shutil.rmtree(work / f"{spec.replace(':', '_')}-{size}", ignore_errors=True)
     summary = {
         size: {
             "passed": [r["model"] for r in rows if r["size"] == size and r["passed"]],

@@ -152,3 +152,24 @@ def test_report_times_other_models_beside_and_compares_with_the_gated_model():
         assert report["engine_over_static"] == pytest.approx(report["engine_ms"] / report["static_ms"])
         assert report["max_rel_error"] < 1e-5 and report["mask_mismatches"] == 0
         assert report["prototypes"]["fitted_on"] == 3
+
+
+def test_op_profile_and_the_heads_only_reference():
+    """``profile_images`` adds where each timed model's time goes; the heads-only reference (dense convs,
+    the heads applying their masks) computes the gated model's outputs."""
+    from ftwt_cli.engine.latency import dense_reference
+
+    model = toy("resnet", 32)
+    images = noise_images(32, 3)
+    heads_only, info = dense_reference(model, (32, 32), images[:2], rounds=1, masked=True)
+    with torch.no_grad():
+        assert torch.allclose(heads_only(images), model(images), atol=1e-5)
+    assert set(info) == {"dense_channels_last", "dense_default_ms", "dense_channels_last_ms"}
+    report = latency_report(model, images, warmup=1, calibrate=False, others={"dense_with_heads": heads_only}, profile_images=2)
+    assert report["dense_with_heads_ms"] > 0
+    profiled = report["op_profile"]
+    assert set(profiled) == {"dense", "engine", "dense_with_heads"}
+    for name, entry in profiled.items():
+        assert entry["images"] == 2 and entry["ms_per_image"] >= sum(op["ms_per_image"] for op in entry["ops"]) > 0
+        assert any("conv" in op["op"] for op in entry["ops"]), name
+    assert "op_profile" not in latency_report(model, images, warmup=1, calibrate=False)

@@ -234,3 +234,24 @@ def test_a_submodule_fx_cannot_trace_becomes_one_leaf_node():
     x = torch.randn(1, 3, 8, 8)
     with torch.no_grad():
         assert torch.allclose(build_engine(gated)(x), gated(x), atol=1e-5)
+
+
+def test_zoo_script_reports_a_failed_weight_save_as_the_model_row(tmp_path, monkeypatch):
+    """A full disk while saving one model's random weights is that model's error row, not a traceback
+    that ends the whole zoo run."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "zoo.py"
+    spec = importlib.util.spec_from_file_location("zoo_script", script)
+    zoo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(zoo)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(zoo.torch, "save", disk_full)
+    row = zoo.run_model("torchvision:resnet18", 32, tmp_path, quick=True, steps=("estimate", "train"))
+    assert row["passed"] is False and row["refused"] is None
+    assert row["steps"]["estimate"]["status"] == "error" and "No space left" in row["steps"]["estimate"]["message"]
+    assert row["steps"]["train"] == {"status": "skipped"}

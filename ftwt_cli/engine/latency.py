@@ -16,6 +16,7 @@ import time
 
 import torch
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 
 from ftwt_cli.console import progress_bar
 from ftwt_cli.core.flops import FlopsCounter
@@ -36,9 +37,13 @@ def _timed(fn, x: torch.Tensor) -> float:
     return (time.perf_counter_ns() - start) / 1e6
 
 
-def dense_reference(model: nn.Module, input_size: tuple[int, int], images: torch.Tensor, rounds: int = 3) -> tuple[nn.Module, dict]:
-    """The BN-folded dense backbone (no heads, no masks) in its faster memory format on ``images``."""
-    candidates = {fmt: dense_fallback(model, input_size, channels_last=fmt, masked=False) for fmt in (False, True)}
+def dense_reference(
+    model: nn.Module, input_size: tuple[int, int], images: torch.Tensor, rounds: int = 3, masked: bool = False
+) -> tuple[nn.Module, dict]:
+    """The BN-folded dense backbone (no heads, no masks) in its faster memory format on ``images``;
+    with ``masked`` (an FTWT model), the same convs with the heads applying their masks: the engine's
+    whole-model fallback, which costs dense plus the heads."""
+    candidates = {fmt: dense_fallback(model, input_size, channels_last=fmt, masked=masked) for fmt in (False, True)}
     times: dict[bool, list[float]] = {False: [], True: []}
     with torch.inference_mode():
         for round_ in range(rounds + 1):
@@ -94,6 +99,7 @@ def latency_report(
     batch_sizes=(),
     channels_last="auto",
     engine: SparseEngine | None = None,
+    profile_images: int = 0,
 ) -> dict:
     """Median batch-1 latency of dense vs engine over ``images`` [N, 3, H, W], with FLOPs measured on them.
 
@@ -109,7 +115,8 @@ def latency_report(
     says which). ``engine`` (from :func:`prepared_engine`) skips the build and fitting; its choices are
     made again at ``threads``. ``flops_reduction_pct`` (the one in ``ratio``) charges the heads' MACs.
     ``others`` (name → module) are timed beside dense and engine (``{name}_ms``, ``{name}_p90_ms``,
-    ``engine_over_{name}``); ``batch_sizes`` adds ``batched`` (see :func:`batched_throughput`). For an
+    ``engine_over_{name}``); ``batch_sizes`` adds ``batched`` (see :func:`batched_throughput`); ``profile_images`` > 0 adds
+    ``op_profile`` (see :func:`op_profile`) of every timed model on that many images. For an
     FTWT model the engine's outputs and masks on the timed images are compared with the gated model's
     (``max_abs_error``, ``max_rel_error`` relative to the largest output, ``mask_mismatches``).
     """
@@ -164,6 +171,7 @@ def latency_report(
         counts = engine.strategy_counts()
         use = engine.prototype_report() if gated else {}
         batched = batched_throughput(engine, images, batch_sizes) if batch_sizes else None
+        profiled = op_profile(timed, images[:profile_images]) if profile_images > 0 else None
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -214,7 +222,32 @@ def latency_report(
         report.update({f"{name}_ms": median, f"{name}_p90_ms": _quantile(ms[name], 0.9), f"engine_over_{name}": engine_median / median})
     if batched is not None:
         report["batched"] = batched
+    if profiled is not None:
+        report["op_profile"] = profiled
     return report
+
+
+def op_profile(models: dict, images: torch.Tensor, top: int = 12) -> dict:
+    """Where each model's batch-1 time goes: per model (name → callable on a [1, 3, H, W] input), the
+    profiler's self CPU time per image in all and its ``top`` operators (ms and calls per image), each
+    model profiled alone after one warm-up image. The profiler's overhead inflates small operators; the
+    shares between models run the same way are what to read."""
+    n = len(images)
+    result = {}
+    with torch.inference_mode():
+        for name, fn in models.items():
+            fn(images[:1])
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for image in images:
+                    fn(image[None])
+            events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+            events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+            result[name] = {
+                "images": n,
+                "ms_per_image": sum(e.self_cpu_time_total for e in events) / 1e3 / n,
+                "ops": [{"op": e.key, "ms_per_image": e.self_cpu_time_total / 1e3 / n, "calls_per_image": e.count / n} for e in events[:top]],
+            }
+    return result
 
 
 def against_gated(model: FTWTModel, images: torch.Tensor, outputs: torch.Tensor, masks: list[torch.Tensor]) -> dict:
