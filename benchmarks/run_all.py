@@ -95,22 +95,24 @@ def _budget(doc: dict) -> list[Row]:
 def _compare(doc: dict) -> list[Row]:
     rows = {r["method"]: r for r in doc["rows"]}
     seeds = len(doc.get("seeds", [0]))
+    # The protocol, so that the quick and full tables read apart: dense epochs / fine-tuning epochs.
+    protocol = f"(dense {doc['dense_epochs']}, {doc['epochs']} epochs) " if "dense_epochs" in doc and "epochs" in doc else ""
     out: list[Row] = [
-        (f"{m}: top-1 at {r['flops_reduction_pct']:.1f} % FLOPs ↓" + (f" (mean of {seeds} seeds)" if seeds > 1 else ""),
+        (f"{protocol}{m}: top-1 at {r['flops_reduction_pct']:.1f} % FLOPs ↓" + (f" (mean of {seeds} seeds)" if seeds > 1 else ""),
          "reported", f"{r['top1']:.1f} %" + (f" ± {r['top1_std']:.1f}" if r.get("top1_std") else ""), None)
         for m, r in rows.items()
     ]
     paired = doc.get("paired") or {}
     if "ftwt" in rows and "static-uniform" in rows:
         gap = rows["ftwt"]["top1"] - rows["static-uniform"]["top1"]
-        out.append(("default FTWT − static uniform, top-1 at equal FLOPs", "≥ −1 point", f"{gap:+.1f} points", gap >= -1.0))
+        out.append((f"{protocol}default FTWT − static uniform, top-1 at equal FLOPs", "≥ −1 point", f"{gap:+.1f} points", gap >= -1.0))
     variants = {m: p for m, p in paired.items() if p and m.startswith("ftwt")}
     if variants:
         best, pair = max(variants.items(), key=lambda kv: kv[1]["mean"])
         ci = pair.get("ci95")
         measured = f"{best}: {pair['mean']:+.1f} points" + (f" [{ci[0]:+.1f}, {ci[1]:+.1f}]" if ci else " (one seed, no interval)")
         met = pair["mean"] >= 2.0 and ci is not None and ci[0] > 0
-        out.append(("best FTWT variant − static uniform (paired, 95 % interval)", "≥ +2 points, interval > 0", measured, met))
+        out.append((f"{protocol}best FTWT variant − static uniform (paired, 95 % interval)", "≥ +2 points, interval > 0", measured, met))
     return out
 
 
@@ -121,6 +123,7 @@ BENCHMARKS: dict[str, tuple[list[str], Callable[[dict], list[Row]]]] = {
     "latency": (["latency.py"], _latency),
     "budget": (["budget.py"], _budget),
     "compare": (["compare.py"], _compare),
+    "compare_full": (["compare.py", "--full"], _compare),  # about 1.5 h alone; not with --quick
 }
 
 
@@ -129,7 +132,7 @@ def run(name: str, quick: bool, out: Path, data: str) -> dict:
     command = [sys.executable, *[a.format(data=data) for a in args], "--json"]
     if args[0].endswith(".py"):
         command[1] = str(HERE / args[0])
-        command += ["--quick"] if quick else []
+        command += ["--quick"] if quick and "--full" not in args else []
     print(f"== {name}: {' '.join(command[1:])}", file=sys.stderr, flush=True)
     started = time.time()
     done = subprocess.run(command, cwd=HERE.parent, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(HERE)})
@@ -163,7 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="every benchmark with --quick")
     parser.add_argument("--json", action="store_true", help="print every benchmark's document as one JSON document")
-    parser.add_argument("--only", default=",".join(BENCHMARKS), help="comma list of benchmarks to run")
+    parser.add_argument(
+        "--only", default=None,
+        help="comma list of benchmarks to run (default: all but compare_full, which takes hours; with --from, every saved one)",
+    )  # fmt: skip
     parser.add_argument("--from", dest="source", default=None, help="build the table from saved JSON documents instead")
     parser.add_argument("--out", default=str(HERE / "results"), help="where each benchmark's JSON is kept")
     parser.add_argument("--table", default=str(HERE / "results.md"))
@@ -173,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(HERE))
     from _common import CIFAR10_MINI
 
-    names = [n.strip() for n in args.only.split(",") if n.strip()]
+    default = list(BENCHMARKS) if args.source else [n for n in BENCHMARKS if n != "compare_full"]
+    names = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else default
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         print(f"error: unknown benchmark {unknown[0]!r} (known: {', '.join(BENCHMARKS)})", file=sys.stderr)

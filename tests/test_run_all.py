@@ -53,3 +53,23 @@ def test_table_from_saved_documents_marks_goals(run_all, tmp_path):
 
 def test_unknown_benchmark_is_refused(run_all, tmp_path):
     assert run_all.main(["--only", "nonsense", "--from", str(tmp_path)]) == 2
+
+
+def test_full_compare_protocol_reads_apart_from_the_quick_one_and_is_not_run_by_default(run_all, tmp_path, monkeypatch):
+    saved = tmp_path / "results"
+    saved.mkdir()
+    doc = {"dense_epochs": 40, "epochs": 15, "seeds": [0, 1, 2], "rows": [
+        {"method": "ftwt", "flops_reduction_pct": 50.0, "top1": 60.0, "top1_std": 1.0},
+        {"method": "static-uniform", "flops_reduction_pct": 50.0, "top1": 60.5, "top1_std": 0.5}],
+        "paired": {"ftwt": {"mean": -0.5, "ci95": [-2.0, 1.0]}}}  # fmt: skip
+    (saved / "compare_full.json").write_text(json.dumps(doc))
+    table = tmp_path / "results.md"
+    assert run_all.main(["--from", str(saved), "--table", str(table)]) == 0
+    text = table.read_text()
+    assert "| compare_full | (dense 40, 15 epochs) default FTWT − static uniform, top-1 at equal FLOPs | ≥ −1 point | -0.5 points | yes |" in text
+    assert "| compare_full | (dense 40, 15 epochs) ftwt: top-1 at 50.0 % FLOPs ↓ (mean of 3 seeds) | reported | 60.0 % ± 1.0 | – |" in text
+    ran = []
+    monkeypatch.setattr(run_all, "run", lambda name, *a: ran.append(name) or {})
+    monkeypatch.setattr(run_all, "table", lambda docs, note: "")
+    assert run_all.main(["--table", str(tmp_path / "t.md")]) == 0
+    assert "compare_full" not in ran and "compare" in ran
