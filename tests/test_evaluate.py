@@ -256,19 +256,18 @@ def test_cli_writes_csv_tables_and_plots(run_eval, checkpoints, tmp_path):
 def test_cli_latency_hook(run_eval, checkpoints, monkeypatch):
     calls = []
 
-    def fake_report(model, images, threads, cache_mb, **engine_options):
-        calls.append((type(model).__name__, tuple(images.shape), threads, cache_mb, model.training))
-        assert engine_options["layout_images"].shape[1:] == images.shape[1:]  # held-out training images
+    def fake_report(model, images, threads, **engine_options):
+        calls.append((type(model).__name__, tuple(images.shape), threads, model.training))
         assert engine_options["batch_sizes"] == ()  # no --batch-size given: batch 1 only
         return {"samples": len(images), "threads": threads, "dense_ms": 2.0, "engine_ms": 1.0}
 
     monkeypatch.setattr(ev, "latency_report", fake_report)
     result = run_eval(
         "--checkpoint", checkpoints["ftwt"], "--samples", "32",
-        "--latency", "--latency-samples", "5", "--threads", "2", "--cache-mb", "8", "--json",
+        "--latency", "--latency-samples", "5", "--threads", "2", "--json",
     )  # fmt: skip
     assert result.exit_code == 0, result.stderr
-    assert calls == [("FTWTModel", (5, 3, 32, 32), 2, 8.0, False)]
+    assert calls == [("FTWTModel", (5, 3, 32, 32), 2, False)]
     assert json.loads(result.stdout)["models"][0]["latency"]["engine_ms"] == 1.0
 
 

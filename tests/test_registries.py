@@ -81,7 +81,7 @@ def test_a_head_variant_is_one_class_through_train_eval_and_the_engine(cli, dens
     loaded = loading.load_model(resolve("smoke"), str(run / "best.pt"), require="ftwt")
     model = loaded.model.eval().configure(mask_source="predicted", record=True)
     assert isinstance(model.heads()[0], RescaledHead) and model.heads()[0].affine() is None
-    engine = build_engine(model, cache_mb=0.0)
+    engine = build_engine(model)
     images = torch.randn(6, 3, 32, 32)
     with torch.no_grad():
         for image in images:

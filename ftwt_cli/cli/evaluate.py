@@ -28,11 +28,10 @@ from ftwt_cli.cli.app import (
     resolve_config,
 )
 from ftwt_cli.console import console, emit_json
-from ftwt_cli.engine import DEFAULT_MEMORY_MB
 from ftwt_cli.errors import BadInput
 from ftwt_cli.io.checkpoint import atomic_write_bytes
 from ftwt_cli.io.config import DEFAULT_PROFILE
-from ftwt_cli.io.plots import plot_brier, plot_clusters, plot_layer_budget, plot_layer_latency, plot_layer_pruning
+from ftwt_cli.io.plots import plot_brier, plot_clusters, plot_layer_budget, plot_layer_pruning
 from ftwt_cli.workflows.evaluate import LatencyOptions, ModelReport, evaluate_checkpoints
 
 
@@ -83,23 +82,19 @@ def eval_command(
     ] = None,
     csv: Annotated[str | None, typer.Option("--csv", help="Folder for one CSV per table.")] = None,
     plots: Annotated[str | None, typer.Option("--plots", help="Folder for the PNG figures.")] = None,
-    latency: Annotated[bool, typer.Option("--latency", help="Also measure CPU latency, dense vs sparse engine.")] = False,
+    latency: Annotated[
+        bool, typer.Option("--latency", help="Also measure batch-1 CPU latency: dense eager, dense pre-packed and the routing engine.")
+    ] = False,
     latency_samples: Annotated[int, typer.Option("--latency-samples", help="Test images timed.")] = 200,
     threads: Annotated[int, typer.Option("--threads", help="CPU threads for the latency measurement.")] = 1,
-    cache_mb: Annotated[float, typer.Option("--cache-mb", help="Sparse engine weight cache size (MiB).")] = 64.0,
-    engine_memory_mb: Annotated[
-        float, typer.Option("--engine-memory-mb", help="Cap on the engine's pre-sliced sub-networks (MiB).")
-    ] = DEFAULT_MEMORY_MB,
     json_out: JsonOpt = False,
 ) -> None:
     """Evaluate a dense or FTWT checkpoint (and --compare others) on the test split."""
     blur = parse_sigmas(blur_sigmas, "--blur-sigmas") if blur_sigmas is not None else list(BLUR_SIGMAS)
     noise = parse_sigmas(noise_sigmas, "--noise-sigmas") if noise_sigmas is not None else list(NOISE_SIGMAS)
     sweep = brier_noise or blur_sigmas is not None or noise_sigmas is not None
-    if latency and (latency_samples < 1 or threads < 1 or cache_mb < 0):
-        raise BadInput("--latency-samples and --threads must be at least 1, --cache-mb at least 0")
-    if not engine_memory_mb > 0:
-        raise BadInput(f"--engine-memory-mb must be > 0 (MiB for the engine's pre-sliced sub-networks), got {engine_memory_mb:g}")
+    if latency and (latency_samples < 1 or threads < 1):
+        raise BadInput("--latency-samples and --threads must be at least 1")
     _check_output_dir(csv, "--csv")
     _check_output_dir(plots, "--plots")
     cfg = resolve_config(
@@ -118,7 +113,7 @@ def eval_command(
     )
     perturbations = perturbation_grid(blur, noise) if sweep else []
     # With --latency, a --batch-size given on the command line also times batched throughput at that size.
-    options = LatencyOptions(latency_samples, threads, cache_mb, engine_memory_mb, batch_size) if latency else None
+    options = LatencyOptions(latency_samples, threads, batch_size) if latency else None
     reports = evaluate_checkpoints(cfg, compare or [], perturbations, options)
 
     tables = _tables(reports)
@@ -134,8 +129,6 @@ def eval_command(
         plot_clusters(reports, Path(plots) / "clusters.png", title=cfg.model)
         if any(layer.target_keep_ratio is not None for r in reports for layer in r.layers):
             plot_layer_budget(reports, Path(plots) / "layer_budget.png", title=cfg.model)
-        if latency:
-            plot_layer_latency(reports, Path(plots) / "layer_latency.png", title=cfg.model)
     if json_out:
         emit_json(
             {
@@ -186,10 +179,6 @@ def _tables(reports: list[ModelReport]) -> dict[str, pd.DataFrame]:
     latencies = [{"model": r.label} | r.latency for r in reports if r.latency]
     if latencies:
         tables["latency"] = pd.DataFrame(latencies)
-        # Per conv: the engine's build-time measurement of its sparse paths against its dense conv.
-        layer_rows = [{"model": r.label} | layer for r in reports if r.latency for layer in r.latency.get("layers", [])]
-        if layer_rows:
-            tables["latency_layers"] = pd.DataFrame(layer_rows)
     return tables
 
 
@@ -218,26 +207,24 @@ HEADERS = {
     "dense_ms": "dense ms",
     "engine_ms": "engine ms",
     "latency_reduction_pct": "latency ↓ %",
-    "cache_hit_rate": "cache hits",
-    "sparse_layer_count": "sparse layers",
-    "fallback": "dense fallback",
-    "sparse_us": "sparse µs",
-    "dense_us": "dense µs",
-    "active_in": "active in",
+    "dense_prepacked_ms": "dense pre-packed ms",
+    "latency_reduction_prepacked_pct": "latency ↓ vs pre-packed %",
+    "ratio_prepacked": "ratio (pre-packed)",
+    "codebook_k": "K",
+    "subnet_memory_mb": "sub-networks MiB",
 }
 #: The fields of ftwt_cli.engine.latency.latency_report shown in the terminal.
 LATENCY_COLUMNS = (
+    "engine",
     "dense_ms",
+    "dense_prepacked_ms",
     "engine_ms",
-    "latency_reduction_pct",
     "flops_reduction_pct",
     "ratio",
-    "sparse_layer_count",
-    "fallback",
-    "cache_hit_rate",
+    "ratio_prepacked",
+    "codebook_k",
+    "subnet_memory_mb",
 )
-#: The per-layer latency fields shown in the terminal.
-LATENCY_LAYER_COLUMNS = ("name", "keep", "active_in", "sparse", "dense_us", "sparse_us")
 
 
 def _print_tables(reports: list[ModelReport], tables: dict[str, pd.DataFrame]) -> None:
@@ -265,32 +252,27 @@ def _print_tables(reports: list[ModelReport], tables: dict[str, pd.DataFrame]) -
         console.print(_rich_table(title, frame[shown]))
     for r in reports:
         _print_engine_details(r)
-    if "latency_layers" in tables:
-        layers = tables["latency_layers"]
-        for r in reports:
-            rows = layers[layers["model"] == r.label]
-            if not rows.empty:
-                title = f"per-layer latency (build-time measurement, sparse = runs its sparse paths): {r.label}"
-                console.print(_rich_table(title, rows[[c for c in LATENCY_LAYER_COLUMNS if c in rows.columns]]))
 
 
 def _print_engine_details(report: ModelReport) -> None:
-    """The engine's pre-sliced sub-networks and, with --batch-size, batched throughput."""
+    """Free masks' one-line warning, the engine's exactness and, with --batch-size, batched throughput."""
     latency = report.latency or {}
-    fitted, use = latency.get("prototypes") or {}, latency.get("prototype_use")
-    if use and fitted.get("prototypes"):
+    if latency.get("note"):
+        console.print(f"{report.label}: {latency['note']}", style="yellow", markup=False, highlight=False)
+    if "max_rel_error" in latency:
         console.print(
-            f"engine prototypes ({report.label}): {fitted['prototypes']} over {fitted['layers']} layers, fitted on "
-            f"{fitted['fitted_on']} held-out images; {use['memory_mb']:.1f} of {fitted['memory_cap_mb']:g} MiB; "
-            f"coverage {100 * use['coverage']:.1f} % of gated conv calls, extra MACs {use['extra_mac_pct']:.2f} % of theirs",
-            highlight=False,
-        )
+            f"engine ({report.label}, {latency['engine']}): outputs within {latency['max_rel_error']:.1e} (relative) of the "
+            f"gated model's, {latency['mask_mismatches']} mask(s) differ; {latency['subconvs']} sub-convs, "
+            f"{latency['subnet_memory_mb']:.1f} MiB",
+            markup=False, highlight=False,
+        )  # fmt: skip
     for size, row in (latency.get("batched") or {}).items():
         console.print(
-            f"batch {size} ({report.label}): dense {row['dense_images_per_s']:.1f} images/s, engine "
-            f"{row['engine_images_per_s']:.1f} images/s, speedup {row['speedup']:.2f}×",
-            highlight=False,
-        )
+            f"batch {size} ({report.label}): dense {row['dense_images_per_s']:.1f} images/s, dense pre-packed "
+            f"{row['dense_prepacked_images_per_s']:.1f}, engine {row['engine_images_per_s']:.1f}; speedup "
+            f"{row['speedup']:.2f}× (pre-packed {row['speedup_prepacked']:.2f}×)",
+            markup=False, highlight=False,
+        )  # fmt: skip
 
 
 def _rich_table(title: str, frame: pd.DataFrame) -> Table:

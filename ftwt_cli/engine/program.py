@@ -1,258 +1,208 @@
-"""Graph compilation: an FTWT model (or a dense backbone) traced once with torch.fx and compiled into a
-flat program of steps over numbered slots (no fx interpreter at run time), one for batch 1 and one for
-batches (:mod:`~ftwt_cli.engine.batched`); what each node becomes is :mod:`~ftwt_cli.engine.nodes`.
+"""Build and run: the plan's sub-convs sliced, BN-folded and packed once, then a flat program over slots.
+
+Run, per conv: pool the input once (shared by every head that reads it), route each image to the
+prototype its head selects (one small scorer), run that prototype's pre-packed sub-conv on the
+images that chose it. Channel-wise layers act on the compact values; residual adds write compact
+outputs into the dense stream in place (:mod:`~ftwt_cli.engine.liveness`); anything else sees full
+width. Nothing is decided per call but which of K.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
-import torch.fx
 from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.node import map_arg
 
-from ftwt_cli.core.batchnorm import LeafTracer
-from ftwt_cli.core.gating import FTWTModel, GatedBlock
-from ftwt_cli.engine import choice, fitting, nodes
-from ftwt_cli.engine.cache import WeightCache
-from ftwt_cli.engine.conv import ConvStep, EngineMemory
+from ftwt_cli.core.gating import FTWTModel
+from ftwt_cli.core.targets import top_count_mask
+from ftwt_cli.engine import values as V
+from ftwt_cli.engine.geometry import fold
+from ftwt_cli.engine.kernels import Shape, SubConv
 from ftwt_cli.engine.liveness import writable_operands
-from ftwt_cli.engine.prototypes import Prototypes
-from ftwt_cli.engine.reference import dense_fallback, folded_dense
-
-#: Default cap on the pre-sliced sub-convs' memory (``--engine-memory-mb``).
-DEFAULT_MEMORY_MB = 256.0
+from ftwt_cli.engine.plan import ConvPlan, Plan, make_plan
+from ftwt_cli.engine.reference import folded_dense
+from ftwt_cli.engine.routing import Router, pooling
 
 
-class _LeafGatedBlocks(LeafTracer):  # BN modules and modules fx cannot trace stay leaves, as in core.graph
-    def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
-        return isinstance(m, GatedBlock) or super().is_leaf_module(m, qualified_name)
+class ConvStep:
+    """One planned conv, built: sub-convs [j][k] and, when routed, its router."""
 
+    def __init__(self, plan: ConvPlan, pack: bool) -> None:
+        self.plan = plan
+        conv = plan.conv
+        weight, bias = fold(conv, plan.bn)
+        depthwise = conv.groups == conv.in_channels == conv.out_channels
+        shape = Shape(tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), tuple(conv.kernel_size), conv.groups, depthwise, plan.in_hw)
+        self.sub = [[SubConv(weight, bias, out, in_set, shape, plan.activation, pack) for out in plan.out_sets] for in_set in plan.in_sets]
+        self.router = Router(plan.block.head, plan.block.codebook, plan.in_sets, conv.in_channels) if plan.mode == "routed" else None
+        self.head = plan.block.head.eval() if plan.mode == "masked" else None
+        self.pool = pooling(plan.block.head) if plan.block is not None else None
+        self.last: tuple[int, list[V.Group]] | None = None  # (batch, how it was routed) or (batch, masks)
+        self.channels = plan.out_sets
 
-class SparseEngine(nn.Module):
-    """Sparse execution of a gated (or dense) backbone; see :mod:`ftwt_cli.engine`."""
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for row in self.sub for s in row)
 
-    def __init__(
-        self,
-        model: nn.Module,
-        input_size: tuple[int, int],
-        cache_mb: float = 64.0,
-        strategy: str = "auto",
-        gather_cost_macs: float | None = None,
-        memory_mb: float = DEFAULT_MEMORY_MB,
-    ) -> None:
-        super().__init__()
-        gated = isinstance(model, FTWTModel)
-        self.gated = gated
-        self.input_size = tuple(input_size)
-        backbone = model.backbone if gated else folded_dense(model, input_size)
-        self.source = model  # for the whole-engine fallback (built on demand)
-        self.block_index = {id(b): i for i, b in enumerate(model.blocks)} if gated else {}
-        self.cache = WeightCache(cache_mb)
-        self.memory = EngineMemory(memory_mb)
-        self.strategy = strategy
-        self.gather_cost_macs = gather_cost_macs
-        self.channels_last = False
-        self.fitted_on = 0  # held-out images the prototypes were fitted on
-        self.graph_module = torch.fx.GraphModule(backbone, _LeafGatedBlocks().trace(backbone))
-        param = next(backbone.parameters())
-        with torch.no_grad():
-            ShapeProp(self.graph_module).propagate(torch.zeros(1, 3, *input_size, dtype=param.dtype))
-        self.modules_by_name = dict(self.graph_module.named_modules())
-        self.convs: list[tuple[int | None, ConvStep]] = []  # (block index or None, step)
-        # Slot i is the i-th node in graph order, except that identity layers (nn.Identity: the BNs
-        # folded away; eval-mode dropout) get no step and share their input's slot.
-        self.slot: dict[torch.fx.Node, int] = {}
-        order = []
-        for i, node in enumerate(self.graph_module.graph.nodes):
-            module = self.modules_by_name.get(node.target) if node.op == "call_module" else None
-            identity = isinstance(module, nn.Identity) or (isinstance(module, nn.Dropout) and not module.training)
-            if identity and len(node.args) == 1 and not node.kwargs and isinstance(node.args[0], torch.fx.Node):
-                self.slot[node] = self.slot[node.args[0]]
+    def __call__(self, x, pooled_cache: dict, slot: int):
+        if self.router is not None:
+            return self._routed(x, pooled_cache, slot)
+        if isinstance(x, V.Routed):  # a plain conv reading a routed block: one sub-conv per input set
+            return self._plain_from_routed(x)
+        y = self.sub[0][0](x)
+        if self.head is not None:  # free masks: the dense conv, then the head's mask
+            block = self.plan.block
+            logits = self.head(x)
+            if block.keep_count is not None:
+                mask = top_count_mask(logits, block.keep_count)
+            else:
+                mask = logits > 0
+            self.last = (x.shape[0], mask)
+            y = y.mul_(mask[:, :, None, None].to(y.dtype))
+        return y
+
+    def _pooled(self, x, pooled_cache: dict, slot: int) -> list[torch.Tensor]:
+        key = (slot, self.router.pool_key)
+        found = pooled_cache.get(key)
+        if found is None:
+            groups = x.groups if isinstance(x, V.Routed) else [V.Group(None, 0, x)]
+            found = pooled_cache[key] = [self.pool(g.values) for g in groups]
+        return found
+
+    def _routed(self, x, pooled_cache: dict, slot: int) -> V.Routed:
+        pooled = self._pooled(x, pooled_cache, slot)
+        batch = x.batch if isinstance(x, V.Routed) else x.shape[0]
+        groups_in = x.groups if isinstance(x, V.Routed) else [V.Group(None, 0, x)]
+        out: list[V.Group] = []
+        for g, p in zip(groups_in, pooled):
+            choice = self.router.choose(p, g.k)
+            if choice.numel() == 1:
+                k = int(choice)
+                out.append(V.Group(g.images, k, self.sub[g.k][k](g.values)))
                 continue
-            self.slot[node] = i
-            order.append(node)
-        kinds = {node: nodes.kind(node, self.modules_by_name) for node in order}
-        writable = writable_operands(order, self.slot, kinds)
-        self.program, self.grouped_program = [], []
-        for node in order:
-            single, grouped = nodes.compile_node(self, node, writable.get(node, (False, False)))
-            self.program.append((self.slot[node], single))
-            self.grouped_program.append((self.slot[node], grouped))
-        self.num_slots = len(self.slot)
-        for step in self.steps:  # a block routed among a codebook's prototypes: those are its sub-networks
-            if step.head is not None and step.head.prototypes is not None:
-                step.set_prototypes(Prototypes(step.head.prototypes, "codebook"))
-        self.fallback: nn.Module | None = None  # set: the whole engine runs this dense module instead
-        self.measurement: dict | None = None  # what choice.measure found (per-layer and whole-engine times)
+            for k in torch.unique(choice).tolist():  # images grouped by the prototype they chose
+                local = torch.nonzero(choice == k).flatten()
+                if local.numel() == choice.numel():
+                    out.append(V.Group(g.images, k, self.sub[g.k][k](g.values)))
+                else:
+                    images = local if g.images is None else g.images[local]
+                    out.append(V.Group(images, k, self.sub[g.k][k](g.values.index_select(0, local))))
+        self.last = (batch, out)
+        return V.Routed(out, self.channels, self.plan.conv.out_channels, batch)
+
+    def _plain_from_routed(self, x: V.Routed) -> torch.Tensor:
+        if len(x.groups) == 1 and x.groups[0].images is None:
+            return self.sub[x.groups[0].k][0](x.groups[0].values)
+        parts = [(g.images, self.sub[g.k][0](g.values)) for g in x.groups]
+        first = parts[0][1]
+        out = first.new_empty((x.batch, *first.shape[1:])).contiguous(memory_format=torch.channels_last)
+        for images, y in parts:
+            out.index_copy_(0, images, y)
+        return out
+
+    def masks(self) -> torch.Tensor | None:
+        """bool [B, C_out] of the last call (None before any call or for a plain conv)."""
+        if self.last is None:
+            return None
+        batch, how = self.last
+        if isinstance(how, torch.Tensor):
+            return how
+        return V.masks_of(how, self.plan.block.codebook.prototypes > 0, batch)
+
+
+class RoutingEngine(nn.Module):
+    """An FTWT model (or a dense backbone) run from its pre-packed sub-networks; see :mod:`ftwt_cli.engine`."""
+
+    def __init__(self, plan: Plan, pack: bool = True) -> None:
+        super().__init__()
+        self.plan = plan
+        self.pack = pack
+        self.steps: dict[torch.fx.Node, ConvStep] = {node: ConvStep(p, pack) for node, p in plan.convs.items()}
+        self.blocks = sorted((s for s in self.steps.values() if s.plan.block_index is not None), key=lambda s: s.plan.block_index)
+        modules = dict(plan.graph_module.named_modules())
+        kinds = {n: ("fresh" if plan.roles[n] == "conv" else "add" if plan.roles[n] == "add" else "external" if plan.roles[n] == "input" else "alias") for n in plan.order}
+        writable = writable_operands(plan.order, plan.slot, kinds)
+        self.program = [(plan.slot[n], self._compile(n, modules, writable.get(n, (False, False)))) for n in plan.order]
+        self.num_slots = max(plan.slot.values()) + 1
 
     @property
-    def num_blocks(self) -> int:
-        return len(self.block_index)
+    def routed(self) -> bool:
+        return self.plan.routed
 
-    @property
-    def steps(self) -> list[ConvStep]:
-        return [step for _, step in self.convs]
+    def subnet_memory_mb(self) -> float:
+        """Memory of every sub-conv's weights (pre-packed layouts included), MiB."""
+        return sum(s.nbytes for s in self.steps.values()) / 2**20
+
+    def subconv_count(self) -> int:
+        return sum(len(row) for s in self.steps.values() for row in s.sub)
 
     def block_masks(self) -> list[torch.Tensor]:
-        """Kept-output masks (bool [C]) of the last sample, in block order (the FTWTModel's ``blocks``)."""
-        if self.fallback is not None and self.gated:
-            return [m[-1] for m in self.fallback.last_masks()]
-        masks: list[torch.Tensor] = [torch.empty(0)] * self.num_blocks
-        for block, step in self.convs:
-            if block is not None and step.last_mask is not None:
-                masks[block] = torch.from_numpy(step.last_mask)
-        return masks
+        """Kept-output masks (bool [C]) of the last image of the last call, in block order."""
+        return [m[-1] for m in self.batch_masks()]
 
     def batch_masks(self) -> list[torch.Tensor]:
-        """Kept-output masks (bool [B, C]) of every image of the last batch (B > 1), in block order."""
-        if self.fallback is not None and self.gated:
-            return list(self.fallback.last_masks())
-        masks: list[torch.Tensor] = [torch.empty(0)] * self.num_blocks
-        for block, step in self.convs:
-            if block is not None and step.last_masks is not None:
-                masks[block] = torch.from_numpy(step.last_masks)
-        return masks
+        """Kept-output masks (bool [B, C]) of every image of the last call, in block order."""
+        return [s.masks() for s in self.blocks]
 
-    def set_layers(self, choice_) -> None:
-        """Which convs take their sparse paths: "sparse" (all), "dense" (all run the dense conv), a
-        sequence of bools in program order, or a collection of layer names (those run sparse)."""
-        for step, flag in zip(self.steps, choice.layer_flags(choice_, self.steps)):
-            step.sparse = flag
+    def _compile(self, node, modules: dict, writable: tuple[bool, bool]):
+        slot, role = self.plan.slot, self.plan.roles[node]
+        if role == "input":
+            return lambda s, pooled: s[-1]
+        if role == "output":
+            return lambda s, pooled: map_arg(node.args[0], lambda n: V.dense(s[slot[n]]))
+        if role == "conv":
+            step, i = self.steps[node], slot[node.args[0]]
+            return lambda s, pooled: step(s[i], pooled, i)
+        if role == "add":
+            i, j = slot[node.args[0]], slot[node.args[1]]
+            return lambda s, pooled: V.add(s[i], s[j], writable)
+        module = modules.get(node.target) if node.op == "call_module" else None
+        if node.op == "call_module":
+            op = module.forward if not (module._forward_hooks or module._forward_pre_hooks) else module
+        elif node.op == "call_function":
+            op = node.target
+        elif node.op == "get_attr":
+            value = getattr(self.plan.graph_module, node.target)
+            return lambda s, pooled: value
+        else:
+            op = lambda self_, *a, **k: getattr(self_, node.target)(*a, **k)  # noqa: E731
+        if role == "channelwise":
+            i, rest, kwargs = slot[node.args[0]], tuple(node.args[1:]), node.kwargs
 
-    def sparse_layers(self) -> list[str]:
-        """Names of the convs that run their sparse paths (none while the whole engine falls back)."""
-        return [] if self.fallback is not None else [s.name for s in self.steps if s.sparse]
+            def channelwise(s, pooled):
+                x = s[i]
+                if isinstance(x, V.Routed):
+                    return x.map(lambda v: op(v, *rest, **kwargs))
+                return op(x, *rest, **kwargs)
 
-    def use_fallback(self, enabled: bool) -> None:
-        """Run the whole engine as the dense model (BN folded; for an FTWT model with its heads and masks)."""
-        self.fallback = dense_fallback(self.source, self.input_size) if enabled else None
+            return channelwise
 
-    def set_channels_last(self, enabled: bool, choose_kernels: bool = True) -> None:
-        """Run activations in the channels-last memory format (or the default); every sub-conv is laid
-        out for it and its kernel chosen on first use of that format; cached per-call slices are dropped
-        (their shapes were chosen for the other format)."""
-        if bool(enabled) != self.channels_last:
-            self.cache.clear()
-        self.channels_last = bool(enabled)
-        for step in self.steps:
-            step.prepare(self.channels_last, choose_kernels)
+        def dense_node(s, pooled):
+            args = map_arg(node.args, lambda n: V.dense(s[slot[n]]))
+            kwargs = map_arg(node.kwargs, lambda n: V.dense(s[slot[n]]))
+            return op(*args, **kwargs)
 
-    def calibrate(self, reps: int = 3) -> dict[int, dict[str, float]]:
-        """Time every conv on this machine so that the cost model picks strategies from real costs."""
-        with torch.no_grad():
-            return {step.key: step.calibrate(reps) for step in self.steps}
+        return dense_node
 
-    def fit_layout(self, images: torch.Tensor, threshold: float | None = None) -> dict[str, float]:
-        """Run ``images`` [N, 3, H, W] and give every conv a static core: the filters kept in at least
-        ``threshold`` of them × the inputs ever active, stored contiguously. Default threshold: per
-        layer, the cheapest candidate under the calibrated costs, else ``CORE_THRESHOLD``.
-        Returns the mean core size as a fraction of the dense MACs."""
-        for step in self.steps:
-            step.seen = []
-        try:
-            with torch.no_grad():
-                for image in images:
-                    self._run(image[None])
-        finally:
-            for step in self.steps:
-                step.fit_core(threshold)
-        fractions = [step.core.macs for step in self.steps if step.core is not None]
-        return {"layers_with_core": len(fractions), "mean_core_mac_fraction": float(np.mean(fractions)) if fractions else float("nan")}
-
-    def fit_prototypes(self, images: torch.Tensor, memory_mb: float | None = None) -> dict:
-        """Pre-slice sub-networks for the masks of held-out ``images`` within ``memory_mb`` (default: the
-        engine's cap); see :mod:`~ftwt_cli.engine.fitting`. Returns its report."""
-        if memory_mb is not None:
-            self.memory.budget = int(memory_mb * 2**20)
-        return fitting.fit_prototypes(self, images, self.memory.budget)
-
-    def load_prototypes(self, document: dict, images: torch.Tensor | None = None) -> None:
-        """Prototype sets from plain lists (a checkpoint's meta); ``images`` pre-build their sub-convs."""
-        fitting.load_prototypes(self, document)
-        if images is not None and len(images):
-            fitting.prebuild(self, images, self.memory.budget)
-
-    def prototype_lists(self) -> dict:
-        return fitting.prototype_lists(self)
-
-    def prototype_report(self) -> dict:
-        return fitting.prototype_report(self)
-
-    def measure(self, images: torch.Tensor, reps: int = 3, layers: bool = True, whole: bool = True, formats: bool = False) -> dict:
-        """Never slower than dense, measured on this machine: see :func:`choice.measure`."""
-        self.measurement = choice.measure(self, images, reps=reps, layers=layers, whole=whole, formats=formats)
-        return self.measurement
-
-    def strategy_counts(self) -> dict[str, int]:
-        """How often each conv path ran (summed over convs) since the engine was built."""
-        total: dict[str, int] = {}
-        for step in self.steps:
-            for k, v in step.counts.items():
-                total[k] = total.get(k, 0) + v
-        return total
-
-    @torch.no_grad()
+    @torch.inference_mode()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fallback is not None:
-            return self.fallback(x)
-        return self._run(x)
-
-    def _run(self, x: torch.Tensor) -> torch.Tensor:
-        # In the channels-last format the first conv's weights convert the input (its head pools it as given).
-        program = self.program if x.shape[0] == 1 else self.grouped_program
-        s: list = [None] * self.num_slots + [x]
-        for out, step in program:
-            s[out] = step(s)
-        return s[program[-1][0]]
+        s: list = [None] * self.num_slots + [x.contiguous(memory_format=torch.channels_last)]
+        pooled: dict = {}
+        for out, step in self.program:
+            s[out] = step(s, pooled)
+        return s[self.program[-1][0]]
 
 
-def build_engine(
-    model: nn.Module,
-    input_size: tuple[int, int] | None = None,
-    cache_mb: float = 64.0,
-    strategy: str = "auto",
-    calibrate: bool = False,
-    gather_cost_macs: float | None = None,
-    calibration_images: torch.Tensor | None = None,
-    layers="auto",
-    fallback="auto",
-    prototype_images: torch.Tensor | None = None,
-    memory_mb: float = DEFAULT_MEMORY_MB,
-    prototypes: dict | None = None,
-    channels_last="auto",
-) -> SparseEngine:
-    """A :class:`SparseEngine` for an eval-mode FTWTModel (heads predict masks) or a dense backbone.
-
-    ``input_size`` (H, W) is needed for a dense backbone; an FTWTModel knows it from its graph.
-    ``strategy`` forces one conv path for masks no prototype covers ("slice", "rows", "dense", "core";
-    "auto" = cost model). ``calibrate`` times every conv on this machine at build time and makes the
-    cost model choose from those timings instead of the fixed ``gather_cost_macs`` rule.
-
-    Pre-sliced sub-networks: ``prototype_images`` (held-out images) fit each gated conv's prototype sets
-    and slice their sub-convs within ``memory_mb``; ``prototypes`` (plain lists, e.g. a checkpoint's
-    ``meta["engine_prototypes"]``) gives the sets instead (their sub-convs are sliced on first use, or
-    on ``prototype_images`` when given too). A codebook's prototypes are used as they are.
-
-    Never slower than dense: ``layers`` says which convs run sparse — "auto" (measured on
-    ``calibration_images`` when given, else all), "measure", "sparse", "dense", a list of bools in
-    conv order, or a collection of conv names; ``fallback`` whether the whole engine runs the dense
-    model instead — "auto" (measured when ``calibration_images`` are given, else no), "measure", or a
-    bool; ``channels_last`` the activations' memory format — "auto" (the faster one, measured when
-    ``calibration_images`` are given, else the default) or a bool. Every choice computes the same outputs.
-    """
+def build_engine(model: nn.Module, input_size: tuple[int, int] | None = None, pack: bool = True) -> RoutingEngine:
+    """The routing engine of an eval-mode :class:`FTWTModel` (its codebooks routed, or free masks run
+    exactly on dense convs) or of a dense backbone (BN folded: the pre-packed dense reference). ``pack``
+    False runs the same sub-convs through ``F.conv2d`` (what a build without oneDNN does)."""
     if isinstance(model, FTWTModel):
         input_size = model.graph.input_size
-    elif input_size is None:
-        raise ValueError("a dense backbone needs input_size=(H, W)")
-    if not memory_mb > 0:
-        raise ValueError(f"memory_mb must be > 0, got {memory_mb}")
-    engine = SparseEngine(model, tuple(input_size), cache_mb=cache_mb, strategy=strategy, gather_cost_macs=gather_cost_macs, memory_mb=memory_mb).eval()
-    if calibrate:
-        engine.calibrate()
-    if prototypes is not None:
-        engine.load_prototypes(prototypes, prototype_images)
-    elif prototype_images is not None and len(prototype_images):
-        engine.fit_prototypes(prototype_images)
-    choice.decide(engine, calibration_images, layers, fallback, channels_last)
-    return engine
+        model.eval()
+        plan = make_plan(model, tuple(input_size))
+    else:
+        if input_size is None:
+            raise ValueError("a dense backbone needs input_size=(H, W)")
+        plan = make_plan(folded_dense(model, tuple(input_size)), tuple(input_size))
+    return RoutingEngine(plan, pack).eval()

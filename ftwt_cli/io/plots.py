@@ -115,32 +115,3 @@ def plot_layer_budget(reports, path: str | Path, title: str = "") -> None:
     axes[-1, 0].set_xlabel("gated layer (execution order)")
     fig.tight_layout()
     save_figure(fig, path)
-
-
-def plot_layer_latency(reports, path: str | Path, title: str = "") -> None:
-    """Per conv, dense vs sparse time measured by the engine at build time (one panel per model with a
-    latency report); gray bars and "(dense)" labels mark the convs where the engine kept its dense conv."""
-    measured = [r for r in reports if r.latency and r.latency.get("layers")]
-    if not measured:
-        return
-    width = max(len(r.latency["layers"]) for r in measured)
-    fig, axes = plt.subplots(len(measured), 1, figsize=(max(6.0, 0.3 * width + 2), 3.8 * len(measured)), squeeze=False)
-    for ax, report in zip(axes[:, 0], measured):
-        layers = report.latency["layers"]
-        x = range(len(layers))
-        ax.bar([i - 0.2 for i in x], [layer["dense_us"] / 1e3 for layer in layers], width=0.4, label="dense conv")
-        ax.bar(
-            [i + 0.2 for i in x],
-            [layer["sparse_us"] / 1e3 for layer in layers],
-            width=0.4,
-            label="sparse paths",
-            color=["tab:orange" if layer["sparse"] else "tab:gray" for layer in layers],
-        )
-        if width <= 60:
-            ax.set_xticks(list(x), [layer["name"] + ("" if layer["sparse"] else " (dense)") for layer in layers], rotation=90, fontsize=7)
-        ax.set_ylabel("ms per call")
-        runs = "whole engine falls back to dense" if report.latency.get("fallback") else f"{sum(layer['sparse'] for layer in layers)}/{len(layers)} convs run sparse"
-        ax.set_title(f"{title} {report.label}: per-layer time at batch 1 ({runs}; gray = dense conv kept)".strip(), fontsize=9)
-        ax.grid(alpha=0.3, axis="y")
-        ax.legend()
-    save_figure(fig, path)

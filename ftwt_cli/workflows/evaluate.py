@@ -18,7 +18,6 @@ from ftwt_cli.algorithms.evaluation import Evaluand, Scores, evaluation_pass, fi
 from ftwt_cli.algorithms.perturb import Normalizer, Perturbation
 from ftwt_cli.core.heads import HeadSpec
 from ftwt_cli.core.masks import LayerStats, MaskStats
-from ftwt_cli.engine import DEFAULT_MEMORY_MB
 from ftwt_cli.engine.latency import latency_report
 from ftwt_cli.errors import BadInput
 from ftwt_cli.io import loading
@@ -44,26 +43,7 @@ class EvaluatedModel:
 class LatencyOptions:
     samples: int = 200
     threads: int = 1
-    cache_mb: float = 64.0
-    memory_mb: float = DEFAULT_MEMORY_MB  # the engine's pre-sliced sub-networks (--engine-memory-mb)
     batch_size: int | None = None  # also batched throughput at this batch size (--batch-size with --latency)
-
-
-#: Held-out training images the engine fits its pre-sliced sub-networks (and its choices) on.
-LAYOUT_IMAGES = 64
-
-
-def layout_images(cfg: Config, count: int = LAYOUT_IMAGES) -> torch.Tensor | None:
-    """The first ``count`` held-out training images, normalised (the training split when none are held
-    out), or None when the data set has no training split to read."""
-    try:
-        train, held = loading.training_splits(cfg, augment=False)
-    except (BadInput, FileNotFoundError, OSError):
-        return None
-    source = held if held is not None else train
-    if len(source) == 0:
-        return None
-    return torch.stack([source[i][0] for i in range(min(count, len(source)))])
 
 
 def describe(meta: dict) -> str:
@@ -236,11 +216,9 @@ def evaluate_checkpoints(
     reports = evaluate(models, loader, normalize, device, perturbations, seed=cfg.seed)
     if latency is not None:
         images = first_images(loader, latency.samples, normalize)
-        layout = layout_images(cfg)
         for model, report in zip(models, reports):
             report.latency = latency_report(
-                model.evaluand.release(), images, threads=latency.threads, cache_mb=latency.cache_mb,
-                layout_images=layout, memory_mb=latency.memory_mb, prototypes=model.loaded.meta.get("engine_prototypes"),
+                model.evaluand.release(), images, threads=latency.threads,
                 batch_sizes=[latency.batch_size] if latency.batch_size else (),
             )  # fmt: skip
     return reports
