@@ -38,6 +38,10 @@ def calibrate_command(
     out: Annotated[
         Optional[str], typer.Option("--out", help="Where to write the calibrated checkpoint (default: NAME-calibrated.pt beside it).")
     ] = None,
+    codebook: Annotated[
+        Optional[int],
+        typer.Option("--codebook", help="Route each image among K prototype masks per layer, fitted to the heads' masks (what makes the model fast)."),
+    ] = None,
     profile: ProfileOpt = DEFAULT_PROFILE,
     model: ModelOpt = None,
     data: DataOpt = None,
@@ -55,7 +59,7 @@ def calibrate_command(
         profile, model=model, data=data, image_size=image_size, batch_size=batch_size, device=device, data_root=data_root,
         download=download, workers=workers,
     )  # fmt: skip
-    record = calibrate_checkpoint(cfg, checkpoint, target_flops, out)
+    record = calibrate_checkpoint(cfg, checkpoint, target_flops, out, codebook=codebook)
     destination = record["path"]
     table = Table("", "FLOPs ↓", "top-1", title=f"ftwt calibrate → {destination}")
     table.add_row(f"held-out images ({record['images']}), before → after", f"{record['raw_pct']:.2f}% → {record['reached_pct']:.2f}%", "")

@@ -27,10 +27,19 @@ def default_output(checkpoint: str) -> Path:
     return source.with_name(f"{source.stem}-calibrated{source.suffix}")
 
 
-def calibrate_checkpoint(cfg: Config, checkpoint: str, target_pct: float, out: str | None, show: Callable = progress_bar) -> dict:
+def calibrate_checkpoint(
+    cfg: Config, checkpoint: str, target_pct: float, out: str | None, show: Callable = progress_bar, codebook: int | None = None
+) -> dict:
     """Calibrate ``checkpoint`` to remove ``target_pct`` % of the FLOPs (heads included), save it to ``out``
-    (default: :func:`default_output`) and return the calibration record with the path."""
+    (default: :func:`default_output`) and return the calibration record with the path.
+
+    With ``codebook`` K, the model is made to route: a free-mask model (or one with another K) has its
+    heads calibrated to the budget first, then K prototype masks per layer fitted to what they decide
+    and sized to the budget (:func:`~ftwt_cli.algorithms.codebook.fit_codebook`); a model with K
+    prototypes already is re-sized, its groups kept."""
     check_target_flops(target_pct)  # before anything is loaded
+    if codebook is not None and codebook < 1:
+        raise BadInput(f"--codebook K needs at least 1 prototype per layer, got {codebook}")
     if not Path(checkpoint).is_file():
         raise BadInput(f"checkpoint {checkpoint} does not exist")
     destination = Path(out) if out else default_output(checkpoint)
@@ -51,16 +60,23 @@ def calibrate_checkpoint(cfg: Config, checkpoint: str, target_pct: float, out: s
     held_loader = make_loader(held, cfg.batch_size, workers=cfg.workers)
 
     sizes = model.codebook_sizes()
+    k_now = int(meta.get("codebook") or max(sizes)) if any(sizes) else None
+    k = codebook or k_now
 
     def run() -> Calibration | CodebookFit:
         try:
-            if any(sizes):  # a codebook model: re-size its prototypes (its groups kept) instead
-                return fit_codebook(model, held_loader, device, int(meta.get("codebook") or max(sizes)), target_pct, show=show)
+            if k is not None and k != k_now:  # routing fitted anew: to the masks of heads calibrated to the budget
+                model.set_codebooks([None] * len(model.blocks))
+                calibrate(model, held_loader, device, target_pct, show=show)
+                return fit_codebook(model, held_loader, device, k, target_pct, seed=cfg.seed, show=show)
+            if k is not None:  # a codebook model: re-size its prototypes (its groups kept) instead
+                return fit_codebook(model, held_loader, device, k, target_pct, seed=cfg.seed, show=show)
             return calibrate(model, held_loader, device, target_pct, show=show)
         except (CalibrationError, CodebookError) as exc:
             raise BadInput(str(exc)) from None
 
     record, _, _ = before_and_after(model, lambda label: validate(model, test_loader, device, target, show=show, label=label), run)
     record["split"] = split
-    ckpt.save_checkpoint(destination, model, {**meta, "calibration": record})
+    routing = {"codebook": k, "codebook_sizes": model.codebook_sizes()} if k is not None else {}
+    ckpt.save_checkpoint(destination, model, {**meta, **routing, "calibration": record})
     return {"path": str(destination), **record}
