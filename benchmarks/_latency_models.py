@@ -2,9 +2,9 @@
 
 Per model: a dense run (``ftwt train --dense``); an FTWT run from it (``--target-flops 52``) whose heads
 first train on the frozen backbone (``--head-warmup``) and then train on, one epoch at a time
-(``--resume``), until the head loss stops falling (or an epoch cap); ``ftwt calibrate`` of its best.pt
-to each FLOPs level. The same again with ``--head-norm`` (the more dynamic head), whose masks are
-reported beside the default head's. Static baselines (torch-pruning uniform, at a given reduction) are
+(``--resume``), until the head loss stops falling (or an epoch cap); ``ftwt calibrate --codebook K`` of
+its best.pt to each FLOPs level: K prototypes per layer fitted to the heads' masks on held-out images,
+the model the routing engine runs. Static baselines (torch-pruning uniform, at a given reduction) are
 cached as their pruning histories.
 """
 
@@ -120,21 +120,21 @@ def train_until_plateau(model: str, run: Path, dense: Path, recipe: Recipe, data
     return {"head_warmup_epochs": recipe.head_warmup, "epochs": len(losses), "head_loss": losses, "stopped": "epoch cap" if falling else "plateau"}
 
 
-def calibrated(run: Path, level: float, model: str, data: str, profile: Path) -> Path | None:
-    """best.pt of ``run`` calibrated to ``level`` % (None when calibration cannot reach it)."""
-    out = run / f"calibrated-{level:g}.pt"
+def routed(run: Path, level: float, k: int, model: str, data: str, profile: Path) -> Path | None:
+    """best.pt of ``run`` routed among ``k`` prototypes per layer at ``level`` % (None when it cannot reach it)."""
+    out = run / f"routed-k{k}-{level:g}.pt"
     if not out.is_file():
         try:
-            _ftwt(["calibrate", str(run / "best.pt"), "--target-flops", f"{level:g}", "--model", model, "--out", str(out)], data, profile)
+            _ftwt(["calibrate", str(run / "best.pt"), "--target-flops", f"{level:g}", "--codebook", str(k), "--model", model, "--out", str(out)], data, profile)
         except subprocess.CalledProcessError:
-            console.print(f"[yellow]calibration of {run.name} to {level:g} % failed; that level is skipped[/yellow]")
+            console.print(f"{run.name}: routing at {level:g} % with K = {k} failed; that level is skipped", markup=False)
             return None
     return out
 
 
-def trained(model: str, directory: Path, quick: bool, levels: list[float], data: str, head_norm_levels: list[float]) -> dict:
-    """Train (or reuse) every run of ``model``: ``{"dense": path, "default": {level: path},
-    "head_norm": {level: path}, "training": {"default": ..., "head_norm": ...}, "recipe": tag}``."""
+def trained(model: str, directory: Path, quick: bool, levels: list[float], data: str, k: int) -> dict:
+    """Train (or reuse) every run of ``model``: ``{"dense": path, "routed": {level: path}, "training": ...,
+    "recipe": tag}``."""
     recipe = RECIPES[(family(model), quick)]
     profiles = directory / "profiles"
     profiles.mkdir(parents=True, exist_ok=True)
@@ -143,14 +143,10 @@ def trained(model: str, directory: Path, quick: bool, levels: list[float], data:
     dense_run = directory / f"{model}-dense-{recipe.tag}"
     if not (dense_run / "best.pt").is_file():
         _ftwt(["train", "--model", model, "--dense", "--samples", str(recipe.images), "--epochs", str(recipe.dense_epochs), "--out", str(dense_run)], data, profile)
-    out = {"dense": dense_run / "best.pt", "recipe": recipe.tag, "training": {}}
-    # The head-norm runs only give the distinct-mask comparison: with --quick, one epoch after the warm-up.
-    norm_recipe = Recipe(recipe.images, recipe.dense_epochs, recipe.head_warmup, 1) if quick else recipe
-    for variant, extra, wanted, how in (("default", [], levels, recipe), ("head_norm", ["--head-norm"], head_norm_levels, norm_recipe)):
-        run = directory / f"{model}-ftwt{TRAIN_TARGET}-{variant}-{recipe.tag}"
-        out["training"][variant] = train_until_plateau(model, run, dense_run / "best.pt", how, data, profile, extra)
-        out[variant] = {level: path for level in wanted if (path := calibrated(run, level, model, data, profile)) is not None}
-    return out
+    run = directory / f"{model}-ftwt{TRAIN_TARGET}-default-{recipe.tag}"
+    training = train_until_plateau(model, run, dense_run / "best.pt", recipe, data, profile, [])
+    levels_done = {level: path for level in levels if (path := routed(run, level, k, model, data, profile)) is not None}
+    return {"dense": dense_run / "best.pt", "recipe": recipe.tag, "training": training, "routed": levels_done}
 
 
 def static_model(model: str, dense_state: dict, reduction_pct: float, input_size: tuple[int, int], directory: Path) -> tuple[torch.nn.Module, float]:

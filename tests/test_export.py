@@ -85,6 +85,9 @@ def test_calibrated_ftwt_model_round_trips_within_1e5(runs, fmt):
     offsets = described["offsets"]
     assert len(offsets) == 4 and any(v != 0 for block in offsets.values() for v in block)  # the calibrated offsets
     assert described["normalization"]["mean"] and len(described["class_names"]) == 10
+    # The file computes every filter and says so, with the MACs it executes (heads included).
+    assert record["computes"] == described["computes"] == "masked" and "every filter is computed" in described["computes_note"]
+    assert record["executed_macs"] > record["dense_macs"] == described["dense_macs"]
 
 
 @pytest.mark.parametrize("run", ["dense/best.pt", "static/best.pt"])
@@ -95,7 +98,11 @@ def test_dense_and_static_checkpoints_export(runs, run):
     x = images(3)
     with torch.no_grad():
         assert (run_file(out, "torchscript", x) - eval_model(runs / run)(x)).abs().max().item() <= 1e-5
-    assert ok("info", out)["kind"] == ("dense" if run.startswith("dense") else "static")
+    described = ok("info", out)
+    assert described["kind"] == ("dense" if run.startswith("dense") else "static")
+    assert described["computes"] == described["kind"] and record["executed_macs"] == described["executed_macs"] > 0
+    if run.startswith("static"):
+        assert record["executed_macs"] < record["dense_macs"]
 
 
 def test_static_core_is_the_gated_model_with_fixed_masks(runs):
@@ -120,6 +127,9 @@ def test_static_core_is_the_gated_model_with_fixed_masks(runs):
     saved = sum((a.in_features - b.in_features) * a.out_features for a, b in zip(reference.graph.linears, core.graph.linears))
     assert torch.equal(core_macs, mask_macs - saved)
     assert figures["core"]["mean_macs"] <= figures["gated"]["mean_macs"]
+    # What each computes: the core every filter it kept (more than its masks count), the gated model every filter.
+    assert figures["core"]["mean_macs"] < figures["core"]["executed_macs"] < figures["gated"]["executed_macs"]
+    assert record["computes"] == "static core" and figures["latency_threads"] == 1
     described = ok("info", out)
     assert described["static_core"]["kept"] == spec.kept and described["core_figures"]["removed_filters"] > 0
     report = ok("eval", *SMOKE, "--checkpoint", out)["models"][0]

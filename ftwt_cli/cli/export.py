@@ -47,6 +47,8 @@ def export_command(
     table.add_row("format", record["format"])
     table.add_row("model", f"{record['model']} ({record['kind']}{', static core' if static_core else ''})")
     table.add_row("bytes", f"{record['bytes']:,}")
+    table.add_row("computes", f"{record['computes']}: {record['executed_macs'] / 1e6:.3f} MMACs per image executed "
+                  f"(dense {record['dense_macs'] / 1e6:.3f}); {record['computes_note']}")
     if check["passed"] is None:
         table.add_row("check", f"not run: {check['runtime']}")
     else:
@@ -64,7 +66,9 @@ def _core_table(figures: dict) -> Table:
     table.add_row("top-1 %", f"{gated['top1']:.2f}", f"{core['top1']:.2f}")
     table.add_row("FLOPs ↓ % (masks, vs dense)", f"{gated['flops_reduction_pct']:.2f}", f"{core['flops_reduction_pct']:.2f}")
     table.add_row("MMACs (masks) + heads", f"{gated['mean_macs'] / 1e6:.3f} + {gated['head_macs'] / 1e6:.3f}", f"{core['mean_macs'] / 1e6:.3f} + {core['head_macs'] / 1e6:.3f}")
-    table.add_row("batch-1 latency ms (median)", f"{gated['latency_ms']:.3f}", f"{core['latency_ms']:.3f}")
+    table.add_row("MMACs executed (heads included)", f"{gated['executed_macs'] / 1e6:.3f}", f"{core['executed_macs'] / 1e6:.3f}")
+    threads = figures["latency_threads"]
+    table.add_row(f"batch-1 latency ms (median, {threads} thread{'s' if threads > 1 else ''}, interleaved)", f"{gated['latency_ms']:.3f}", f"{core['latency_ms']:.3f}")
     table.add_row("filters removed / always / gated", "", f"{figures['removed_filters']} / {figures['always_kept_filters']} / {figures['gated_filters']}")
     return table
 
@@ -81,6 +85,8 @@ def info_command(
     for key in ("format", "kind", "model", "num_classes", "input_size", "data", "ftwt_version", "trained_with_ftwt", "tensors", "parameters", "epoch"):
         if doc.get(key) is not None:
             table.add_row(key, str(doc[key]))
+    if doc.get("computes"):
+        table.add_row("computes", f"{doc['computes']}: {doc['executed_macs'] / 1e6:.3f} MMACs per image executed; {doc.get('computes_note', '')}")
     if doc.get("normalization"):
         table.add_row("normalization", f"mean {doc['normalization']['mean']}, std {doc['normalization']['std']}")
     if doc.get("class_names"):

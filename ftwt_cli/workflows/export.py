@@ -25,6 +25,7 @@ from torch import nn
 from ftwt_cli import __version__
 from ftwt_cli.console import progress_bar
 from ftwt_cli.core.gating import FTWTModel
+from ftwt_cli.core.graph import analyze
 from ftwt_cli.core.heads import HeadSpec
 from ftwt_cli.errors import BadInput
 from ftwt_cli.io import artifact, loading
@@ -80,7 +81,8 @@ def export_checkpoint(
     if static_core:
         model, meta, record["static_core"] = static_core_of(cfg, loaded, min_keep_rate, images, show=show)
         model = prepared(model)
-    description = describe(meta, model.state_dict(), fmt)
+    record.update(computes(model, meta, loading.input_size(cfg)))
+    description = {**describe(meta, model.state_dict(), fmt), **computes(model, meta, loading.input_size(cfg))}
     with torch.no_grad():
         expected = model(images)
     if not torch.isfinite(expected).all():
@@ -103,6 +105,26 @@ def export_checkpoint(
     ckpt.atomic_write_bytes(destination, lambda f: f.write(blob))
     record["bytes"] = len(blob)
     return record
+
+
+def computes(model: nn.Module, meta: dict, input_size) -> dict:
+    """What the exported file computes per image: ``computes`` (masked, static core, static, dense), the
+    MACs it executes (every filter it holds, heads included), the dense architecture's, and a note."""
+    if isinstance(model, FTWTModel):
+        heads = int(sum(h.macs for h in model.heads()))
+        executed, dense = int(model.graph.dense_macs) + heads, int(meta.get("dense_macs") or model.graph.dense_macs)
+        if meta.get("static_core"):
+            what, note = "static core", "removed filters are gone; the gated ones are computed, then masked"
+        else:
+            what = "masked"
+            note = (
+                "every filter is computed, then masked: the FLOPs cut does not reach this file; for speed, route the "
+                "model (ftwt calibrate --codebook K) and run it on the routing engine, or export --static-core"
+            )  # fmt: skip
+        return {"computes": what, "executed_macs": executed, "dense_macs": dense, "computes_note": note}
+    executed = int(analyze(model, tuple(input_size)).dense_macs)
+    kind = "static" if meta.get("kind") == "static" else "dense"
+    return {"computes": kind, "executed_macs": executed, "dense_macs": int(meta.get("dense_macs") or executed), "computes_note": f"a plain {kind} network"}
 
 
 def prepared(model: nn.Module) -> nn.Module:

@@ -25,8 +25,10 @@ from ftwt_cli.io.config import Config
 from ftwt_cli.io.data import make_loader
 from ftwt_cli.workflows.calibrate import HELD_OUT_FIELDS
 
-#: Images timed at batch 1 (each model, each of 3 rounds after a warm-up round).
+#: Images timed at batch 1 (each model, each of 3 rounds after a warm-up round), on the thread count
+#: ``ftwt eval --latency`` uses by default.
 LATENCY_IMAGES = 20
+LATENCY_THREADS = 1
 
 
 def static_core_of(cfg: Config, loaded: loading.LoadedModel, min_keep_rate: float, images: torch.Tensor, show: Callable = progress_bar):
@@ -53,7 +55,7 @@ def static_core_of(cfg: Config, loaded: loading.LoadedModel, min_keep_rate: floa
         [Evaluand(model, target), Evaluand(core, target)], test, device, show=show, label="gated vs core (test)"
     )  # fmt: skip
     dense = model.graph.dense_macs
-    gated_ms, core_ms = batch1_latency(model, core, images[:LATENCY_IMAGES])
+    gated_ms, core_ms = batch1_latency(model, core, images[:LATENCY_IMAGES], threads=LATENCY_THREADS)
     figures = {
         "min_keep_rate": min_keep_rate,
         "held_out_images": len(held),
@@ -63,12 +65,15 @@ def static_core_of(cfg: Config, loaded: loading.LoadedModel, min_keep_rate: floa
         "gated_filters": sum(len(g) for g in spec.gated),
         "dense_macs": int(dense),
         "core_dense_macs": int(core.graph.dense_macs),
+        # executed_macs: what each file computes per image (every filter it holds, then masks), heads included
         "gated": {"top1": gated_scores.top1, "mean_macs": gated_masks.mean_macs, "head_macs": _head_macs(model),
+                  "executed_macs": int(dense + _head_macs(model)),
                   "flops_reduction_pct": 100.0 * (1 - gated_masks.mean_macs / dense), "latency_ms": gated_ms},
         "core": {"top1": core_scores.top1, "mean_macs": core_masks.mean_macs, "head_macs": _head_macs(core),
+                 "executed_macs": int(core.graph.dense_macs + _head_macs(core)),
                  "flops_reduction_pct": 100.0 * (1 - core_masks.mean_macs / dense), "latency_ms": core_ms},
         "test_images": gated_scores.samples,
-        "latency_threads": torch.get_num_threads(),
+        "latency_threads": LATENCY_THREADS,
         "core_vs_fixed_masks_max_abs_diff": exactness,
     }  # fmt: skip
     core_meta = {**meta, "static_core": spec.to_meta(), "dense_macs": int(dense), "core_figures": figures}
@@ -85,16 +90,22 @@ def _head_macs(model) -> int:
     return int(sum(head.macs for head in model.heads()))
 
 
-def batch1_latency(gated, core, images: torch.Tensor, rounds: int = 3) -> tuple[float, float]:
-    """Median batch-1 CPU milliseconds of both models, run alternately (order swapped every round)."""
+def batch1_latency(gated, core, images: torch.Tensor, rounds: int = 3, threads: int = LATENCY_THREADS) -> tuple[float, float]:
+    """Median batch-1 CPU milliseconds of both models on ``threads`` threads, interleaved image by image
+    (which runs first alternates), after a warm-up round."""
     times: dict[int, list[float]] = {0: [], 1: []}
     models = (gated, core)
-    with torch.inference_mode():
-        for round_ in range(rounds + 1):
-            for which in (0, 1) if round_ % 2 == 0 else (1, 0):
-                for image in images:
-                    start = time.perf_counter_ns()
-                    models[which](image[None])
-                    if round_:  # round 0 warms up
-                        times[which].append((time.perf_counter_ns() - start) / 1e6)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            for round_ in range(rounds + 1):
+                for i, image in enumerate(images):
+                    for which in (0, 1) if (round_ + i) % 2 == 0 else (1, 0):
+                        start = time.perf_counter_ns()
+                        models[which](image[None])
+                        if round_:  # round 0 warms up
+                            times[which].append((time.perf_counter_ns() - start) / 1e6)
+    finally:
+        torch.set_num_threads(previous)
     return statistics.median(times[0]), statistics.median(times[1])
