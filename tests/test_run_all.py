@@ -29,11 +29,13 @@ def test_table_from_saved_documents_marks_goals(run_all, tmp_path):
         {"method": "static-uniform", "flops_reduction_pct": 50.0, "top1": 57.0}],
         "paired": {"ftwt": {"mean": 3.0, "ci95": [-0.5, 6.5]}, "ftwt-kd": {"mean": 2.5, "ci95": [0.5, 4.5]}}}))
     (saved / "latency.json").write_text(json.dumps({
-        "resnet34": {"flops_reduction_pct": 51.8, "dense_ms": 70.0, "engine_ms": 56.0, "static_ms": 50.0,
-                     "static_flops_reduction_pct": 51.9, "threads": 1, "batched": {"8": {"speedup": 1.4}}},
-        "goals": {"resnet34_ratio": {"goal": 0.6, "measured": 0.39, "met": False},
-                  "resnet34_engine_over_static": {"goal": 1.15, "measured": 1.12, "met": True},
-                  "resnet34_batch8_speedup": {"goal": 1.3, "measured": 1.4, "met": True},
+        "resnet34": {"flops_reduction_pct": 51.8, "dense_ms": 70.0, "dense_prepacked_ms": 60.0, "engine_ms": 56.0,
+                     "static_ms": 50.0, "static_prepacked_ms": 45.0, "static_flops_reduction_pct": 51.9, "threads": 1,
+                     "codebook_k": 4, "batched": {"8": {"speedup": 1.4}}},
+        "goals": {"resnet34_ratio": {"goal": 0.85, "measured": 0.39, "met": False},
+                  "resnet34_ratio_prepacked": {"goal": 0.6, "measured": 0.13, "met": False},
+                  "resnet34_engine_over_static_prepacked": {"goal": 1.10, "measured": 1.24, "met": False},
+                  "resnet34_batch8_speedup": {"goal": 1.5, "measured": 1.6, "met": True},
                   "resnet18_ratio": None}}))
     table = tmp_path / "results.md"
     assert run_all.main(["--from", str(saved), "--table", str(table), "--note", "test"]) == 0
@@ -44,9 +46,11 @@ def test_table_from_saved_documents_marks_goals(run_all, tmp_path):
     # the best variant by its mean, met only when its paired interval excludes zero
     assert "| best FTWT variant − static uniform (paired, 95 % interval) | ≥ +2 points, interval > 0 | ftwt: +3.0 points [-0.5, +6.5] | **no** |" in text
     # latency rows come from the benchmark's own goals; a model that was not run has none
-    assert "| latency | latency ↓ ÷ FLOPs ↓, resnet34, batch 1, 1 thread(s), at 51.8 % FLOPs ↓ | ≥ 0.6 | 0.39 (70.00 → 56.00 ms) | **no** |" in text
-    assert "| latency | engine ÷ static latency, resnet34, batch 1, static at 51.9 % FLOPs ↓ | ≤ 1.15 | 1.12 (56.00 vs 50.00 ms) | yes |" in text
-    assert "| latency | batch-8 throughput ÷ dense, resnet34 | ≥ 1.3 | 1.40× | yes |" in text
+    where = "resnet34, batch 1, 1 thread(s), K = 4, at 51.8 % FLOPs ↓"
+    assert f"| latency | latency ↓ ÷ FLOPs ↓ vs dense eager, {where} | ≥ 0.85 | 0.39 (70.00 → 56.00 ms) | **no** |" in text
+    assert f"| latency | latency ↓ ÷ FLOPs ↓ vs dense pre-packed, {where} | ≥ 0.6 | 0.13 (60.00 → 56.00 ms) | **no** |" in text
+    assert "| latency | engine ÷ static pre-packed latency, resnet34, batch 1, static at 51.9 % FLOPs ↓ | ≤ 1.1 | 1.24 (56.00 vs 45.00 ms) | **no** |" in text
+    assert "| latency | batch-8 throughput ÷ dense eager, resnet34 | ≥ 1.5 | 1.60× | yes |" in text
     assert "resnet18" not in text
     assert "budget" not in text.split("| --- |")[-1]  # benchmarks without a saved document are left out
 
