@@ -22,16 +22,31 @@ PACKAGE = Path(ftwt_cli.__file__).resolve().parent
 REPO = PACKAGE.parent
 
 
+SETUPTOOLS = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+
+
 def test_every_profile_file_is_declared_package_data():
-    globs = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["ftwt_cli"]
-    shipped = [p.relative_to(PACKAGE).as_posix() for p in (PACKAGE / "profiles").rglob("*") if p.is_file()]
-    assert "profiles/quickstart.toml" in shipped and "profiles/checkpoints/quickstart-dense.pt" in shipped
+    """One copy of the recipes, at the top level, mapped into the wheel as ftwt_cli/profiles/."""
+    assert SETUPTOOLS["package-dir"]["ftwt_cli.profiles"] == "profiles" and "ftwt_cli.profiles" in SETUPTOOLS["packages"]
+    globs = SETUPTOOLS["package-data"]["ftwt_cli.profiles"]
+    shipped = [p.relative_to(REPO / "profiles").as_posix() for p in (REPO / "profiles").rglob("*") if p.is_file()]
+    assert "quickstart.toml" in shipped and "checkpoints/quickstart-dense.pt" in shipped
     assert all(any(fnmatch(path, g) for g in globs) for path in shipped), shipped
+    assert not (PACKAGE / "profiles").exists()  # no second copy inside the source package
 
 
-def test_profiles_live_in_the_package():
-    assert config_mod.PROFILE_DIR.resolve() == PACKAGE / "profiles" or "FTWT_PROFILES" in os.environ
+def test_the_package_list_is_every_package_of_the_source_tree():
+    found = {".".join(p.parent.relative_to(REPO).parts) for p in PACKAGE.rglob("__init__.py")}
+    assert set(SETUPTOOLS["packages"]) == found | {"ftwt_cli.profiles"}
+
+
+def test_profiles_are_found_and_listed_with_their_files(tmp_path):
+    assert config_mod.PROFILE_DIR.resolve() == REPO / "profiles" or "FTWT_PROFILES" in os.environ
     assert Path(config_mod.resolve("quickstart").checkpoint).is_file()
+    done = _ftwt("profiles", "--json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(done.stdout)
+    assert all(Path(row["path"]).is_file() and Path(row["path"]).stem == row["name"] for row in rows)
 
 
 def _ftwt(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:

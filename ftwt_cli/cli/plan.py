@@ -31,7 +31,7 @@ from ftwt_cli.cli.app import (
 from ftwt_cli.console import console, emit_json
 from ftwt_cli.errors import BadInput
 from ftwt_cli.io.checkpoint import atomic_write_bytes, check_writable
-from ftwt_cli.io.config import DEFAULT_PROFILE, check_target_flops, list_profiles
+from ftwt_cli.io.config import DEFAULT_PROFILE, PROFILE_DIR, check_target_flops, list_profiles
 from ftwt_cli.io.plots import plot_estimate
 from ftwt_cli.workflows.plan import plan_estimate, plan_search
 
@@ -42,9 +42,9 @@ def profiles_command(json_out: JsonOpt = False) -> None:
     """List the shipped profiles (--profile also takes the path of a TOML file of your own)."""
     rows = list_profiles()
     if json_out:
-        emit_json([{"name": n, "description": d, "default": n == DEFAULT_PROFILE} for n, d in rows])
+        emit_json([{"name": n, "description": d, "default": n == DEFAULT_PROFILE, "path": str(PROFILE_DIR / f"{n}.toml")} for n, d in rows])
         return
-    table = Table("profile", "description", title="ftwt profiles")
+    table = Table("profile", "description", title="ftwt profiles", caption=f"files: {PROFILE_DIR}/NAME.toml")
     for name, description in rows:
         table.add_row(name + (" (default)" if name == DEFAULT_PROFILE else ""), description)
     console.print(table)

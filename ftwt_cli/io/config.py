@@ -1,4 +1,5 @@
-"""Profiles (TOML files shipped in ``ftwt_cli/profiles/``) and the resolved run configuration.
+"""Profiles (TOML files in the top-level ``profiles/``, shipped inside the wheel as ``ftwt_cli/profiles/``)
+and the resolved run configuration.
 
 A profile sets every field of :class:`Config`; each CLI option overrides its field. Profile files may
 group fields in tables (``[dense]``, ``[dynamic]``) for readability; table keys are flattened with
@@ -29,8 +30,16 @@ from ftwt_cli.core.heads import DEFAULT_HEAD, HEAD_POOLS, HEADS
 from ftwt_cli.core.targets import TARGETS
 from ftwt_cli.errors import BadInput
 
-# Package data, so that a wheel install finds the profiles and the quickstart checkpoint from any folder.
-PROFILE_DIR = Path(os.environ.get("FTWT_PROFILES") or Path(__file__).resolve().parents[1] / "profiles")
+
+def _shipped_profiles() -> Path:
+    """The recipes: ``ftwt_cli/profiles/`` in an installed wheel (package data), else the source tree's
+    top-level ``profiles/`` (an editable install, or the checkout on ``PYTHONPATH``)."""
+    package = Path(__file__).resolve().parents[1]
+    packaged = package / "profiles"
+    return packaged if packaged.is_dir() else package.parent / "profiles"
+
+
+PROFILE_DIR = Path(os.environ.get("FTWT_PROFILES") or _shipped_profiles())
 DEFAULT_PROFILE = "quickstart"
 MAX_RATIOS = 10_001  # 0:1:0.0001; finer grids only cost memory
 #: How the heads train with the backbone: detached inputs (decoupled) or straight-through (joint).
