@@ -83,3 +83,23 @@ def test_a_codebook_that_disagrees_with_its_tensors_exits_2(routed, run_cli, tmp
     result = run_cli("eval", "--profile", "smoke", "--checkpoint", bad, "--samples", "8")
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert len([line for line in result.stderr.splitlines() if line.startswith("error:")]) == 1
+
+
+def test_a_routed_checkpoint_exports_as_its_routing_program(routed, cli_json, tmp_path):
+    import ftwt_cli.cli.export  # noqa: F401 - registers export/info
+
+    out, _ = routed
+    file = tmp_path / "routed.ts"
+    record = cli_json("export", out, "--format", "torchscript", "--out", file, "--profile", "smoke", "--check-samples", "8")
+    assert record["check"]["passed"] is True and record["computes"] == "routed"
+    assert record["executed_macs"] < record["dense_macs"]
+    model = loading.load_model(resolve("smoke"), str(out), require="ftwt").model.eval().configure(mask_source="predicted")
+    program = torch.jit.load(str(file))
+    kinds = [m.original_name for m in program.modules()]
+    assert "RoutedConv" in kinds and "Conv2d" not in kinds, "no dense conv left: only routed sub-convs"
+    x = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+        assert (program(x) - expected).abs().max().item() <= 1e-5 * max(1.0, expected.abs().max().item())
+        assert (program(x[:1]) - expected[:1]).abs().max().item() <= 1e-5 * max(1.0, expected.abs().max().item())
+    assert cli_json("info", file)["computes"] == "routed"

@@ -44,6 +44,8 @@ def trace(model: nn.Module, fmt: str, example: torch.Tensor) -> Any:
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer and exporter notes about data-dependent masks and deprecations
         if fmt == "torchscript":
+            if isinstance(model, torch.jit.ScriptModule):  # already a program (a routing model)
+                return model
             return torch.jit.trace(model, example, check_trace=False)
         if fmt == "pt2":
             batch = torch.export.Dim("batch", min=1, max=65536)

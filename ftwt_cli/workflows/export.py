@@ -24,8 +24,10 @@ from torch import nn
 
 from ftwt_cli import __version__
 from ftwt_cli.console import progress_bar
+from ftwt_cli.core.flops import FlopsCounter
 from ftwt_cli.core.gating import FTWTModel
 from ftwt_cli.core.graph import analyze
+from ftwt_cli.engine.scripted import routing_program
 from ftwt_cli.core.heads import HeadSpec
 from ftwt_cli.errors import BadInput
 from ftwt_cli.io import artifact, loading
@@ -81,8 +83,13 @@ def export_checkpoint(
     if static_core:
         model, meta, record["static_core"] = static_core_of(cfg, loaded, min_keep_rate, images, show=show)
         model = prepared(model)
-    record.update(computes(model, meta, loading.input_size(cfg)))
-    description = {**describe(meta, model.state_dict(), fmt), **computes(model, meta, loading.input_size(cfg))}
+    # A model that routes is exported as its routing program where the format can hold one (TorchScript).
+    routed = fmt == "torchscript" and isinstance(model, FTWTModel) and all(b.codebook is not None for b in model.blocks)
+    what = computes(model, meta, loading.input_size(cfg))
+    if routed:
+        what.update(routed_computes(model, images))
+    record.update(what)
+    description = {**describe(meta, model.state_dict(), fmt), **what}
     with torch.no_grad():
         expected = model(images)
     if not torch.isfinite(expected).all():
@@ -92,7 +99,7 @@ def export_checkpoint(
     if fmt == "checkpoint":
         blob, check = _checkpoint_bytes(cfg, model, meta, images, expected)
     else:
-        program = artifact.trace(model, fmt, images[:2])
+        program = artifact.trace(routing_program(model) if routed else model, fmt, images[:2])
         run, runtime = artifact.runner(artifact.to_bytes(program, fmt, description), fmt)
         check = compare(run, images, expected, runtime)
         blob = artifact.to_bytes(program, fmt, {**description, "check": check})
@@ -125,6 +132,19 @@ def computes(model: nn.Module, meta: dict, input_size) -> dict:
     executed = int(analyze(model, tuple(input_size)).dense_macs)
     kind = "static" if meta.get("kind") == "static" else "dense"
     return {"computes": kind, "executed_macs": executed, "dense_macs": int(meta.get("dense_macs") or executed), "computes_note": f"a plain {kind} network"}
+
+
+def routed_computes(model: FTWTModel, images: torch.Tensor) -> dict:
+    """What a routing program executes: the prototypes' MACs (mean over ``images``) plus the heads' scorers."""
+    model.configure(record=True)
+    with torch.no_grad():
+        model(images)
+    masks = [r.mask for r in model.records()]
+    model.configure(record=False)
+    scorers = sum(b.codebook.size * b.conv.in_channels for b in model.blocks)
+    executed = float(FlopsCounter(model.graph).macs_from_masks(masks).float().mean()) + scorers
+    note = "each image computes only the prototype sub-convs its heads choose (K per layer, weights pre-sliced)"
+    return {"computes": "routed", "executed_macs": int(executed), "computes_note": note}
 
 
 def prepared(model: nn.Module) -> nn.Module:
