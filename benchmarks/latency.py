@@ -40,6 +40,7 @@ from ftwt_cli.console import console, emit_json
 from ftwt_cli.core.flops import FlopsCounter
 from ftwt_cli.core.gating import FTWTModel
 from ftwt_cli.engine.latency import dense_reference, latency_report, prepacked
+from ftwt_cli.engine.scripted import routing_program
 from ftwt_cli.io import loading
 from ftwt_cli.io.config import resolve
 
@@ -53,12 +54,13 @@ RATIO_PREPACKED_GOALS = {"resnet34": 0.6, "resnet18": 0.6, "vgg16_bn": 0.6}
 RATIO_GOALS = {"resnet34": 0.85, "resnet18": 0.85, "resnet56": 0.0, "mobilenet_v2": 0.0}
 STATIC_PREPACKED_GOAL = {"resnet34": 1.10, "resnet18": 1.10}  # engine ÷ static pre-packed at most
 BATCH_GOAL = {"resnet34": 1.5}  # batch-8 throughput ÷ dense eager
+EXPORT_GOAL = 1.25  # the exported routing program's latency ÷ the engine's, at most
 #: A level the routed model misses by more than this on the timed images is skipped (reported).
 LEVEL_SLACK = 5.0
 TOP_KEYS = (
     "flops_reduction_pct", "latency_reduction_pct", "latency_reduction_prepacked_pct", "ratio", "ratio_prepacked",
     "dense_ms", "dense_prepacked_ms", "engine_ms", "dense_p90_ms", "engine_p90_ms", "static_ms", "static_prepacked_ms",
-    "static_flops_reduction_pct", "engine_over_static", "engine_over_static_prepacked", "codebook_k", "subconvs",
+    "static_flops_reduction_pct", "engine_over_static", "engine_over_static_prepacked", "exported_ms", "exported_over_engine", "codebook_k", "subconvs",
     "subnet_memory_mb", "prepacked", "threads", "dense_channels_last", "level", "max_abs_error", "max_rel_error",
     "mask_mismatches",
 )  # fmt: skip
@@ -101,7 +103,8 @@ def bench_model(name: str, args, directory: Path, levels: list[float], threads: 
             continue
         static, static_reduction = static_model(name, dense_state, reduction, size, directory)
         static_eager, static_info = dense_reference(static, size, images[:8])
-        others = {"static": static_eager, "static_prepacked": prepacked(static, size)}
+        # the routing program `ftwt export --format torchscript` writes, timed beside the engine
+        others = {"static": static_eager, "static_prepacked": prepacked(static, size), "exported": routing_program(model)}
         for count in threads:
             sizes = args.batch_sizes if (level == batched_level and count == threads[0]) else ()
             report = latency_report(
@@ -109,6 +112,7 @@ def bench_model(name: str, args, directory: Path, levels: list[float], threads: 
                 profile_images=args.profile if count == threads[0] else 0,
             )  # fmt: skip
             report.update(
+                exported_over_engine=report["exported_ms"] / report["engine_ms"],
                 level=level, checkpoint=str(path), static_flops_reduction_pct=static_reduction,
                 static_channels_last=static_info["dense_channels_last"], load_average=list(os.getloadavg()),
                 distinct_masks=[int(torch.unique(m, dim=0).shape[0]) for m in masks],
@@ -118,7 +122,8 @@ def bench_model(name: str, args, directory: Path, levels: list[float], threads: 
                 f"{name} {size[0]}×{size[1]} level {level:g} %, {count} thread(s), K = {report['codebook_k']}: FLOPs ↓ "
                 f"{report['flops_reduction_pct']:.1f} % (static {static_reduction:.1f} %); ms: dense {report['dense_ms']:.2f}, "
                 f"dense pre-packed {report['dense_prepacked_ms']:.2f}, static {report['static_ms']:.2f}, static pre-packed "
-                f"{report['static_prepacked_ms']:.2f}, engine {report['engine_ms']:.2f} (p90 {report['engine_p90_ms']:.2f}); "
+                f"{report['static_prepacked_ms']:.2f}, engine {report['engine_ms']:.2f} (p90 {report['engine_p90_ms']:.2f}), "
+                f"exported {report['exported_ms']:.2f}; "
                 f"ratio {report['ratio']:.2f} (pre-packed {report['ratio_prepacked']:.2f}); engine ÷ static "
                 f"{report['engine_over_static']:.2f} (pre-packed {report['engine_over_static_prepacked']:.2f}); "
                 f"{report['subconvs']} sub-convs, {report['subnet_memory_mb']:.0f} MiB; max relative error "
@@ -162,6 +167,9 @@ def goals(results: dict) -> dict:
         check(f"{model}_ratio", (results.get(model) or {}).get("ratio"), goal, True)
     for model, goal in STATIC_PREPACKED_GOAL.items():
         check(f"{model}_engine_over_static_prepacked", (results.get(model) or {}).get("engine_over_static_prepacked"), goal, False)
+    for model, r in results.items():
+        if isinstance(r, dict) and r.get("exported_over_engine") is not None:
+            check(f"{model}_exported_over_engine", r["exported_over_engine"], EXPORT_GOAL, False)
     for model, goal in BATCH_GOAL.items():
         row = ((results.get(model) or {}).get("batched") or {}).get("8")
         check(f"{model}_batch8_speedup", row["speedup"] if row else None, goal, True)
