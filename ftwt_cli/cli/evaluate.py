@@ -5,11 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-import pandas as pd
 import typer
-from rich.table import Table
 
-from ftwt_cli.algorithms.perturb import BLUR_SIGMAS, NOISE_SIGMAS, perturbation_grid
 from ftwt_cli.cli.app import (
     BatchOpt,
     CheckpointOpt,
@@ -22,18 +19,15 @@ from ftwt_cli.cli.app import (
     ModelOpt,
     ProfileOpt,
     SeedOpt,
+    VerboseOpt,
     WorkersOpt,
-    app,
+    command,
     handle_errors,
     resolve_config,
 )
-from ftwt_cli.console import console, emit_json
-from ftwt_cli.engine import DEFAULT_MEMORY_MB
+from ftwt_cli.cli.names import DEFAULT_PROFILE, ENGINE_MEMORY_MB
+from ftwt_cli.console import emit_json
 from ftwt_cli.errors import BadInput
-from ftwt_cli.io.checkpoint import atomic_write_bytes
-from ftwt_cli.io.config import DEFAULT_PROFILE
-from ftwt_cli.io.plots import plot_brier, plot_clusters, plot_layer_budget, plot_layer_latency, plot_layer_pruning
-from ftwt_cli.workflows.evaluate import LatencyOptions, ModelReport, evaluate_checkpoints
 
 
 def parse_sigmas(text: str, option: str) -> list[float]:
@@ -53,7 +47,7 @@ def _check_output_dir(path: str | None, option: str) -> None:
         raise BadInput(f"{option} {path} exists and is not a folder")
 
 
-@app.command("eval")
+@command("eval")
 @handle_errors
 def eval_command(
     profile: ProfileOpt = DEFAULT_PROFILE,
@@ -89,10 +83,17 @@ def eval_command(
     cache_mb: Annotated[float, typer.Option("--cache-mb", help="Sparse engine weight cache size (MiB).")] = 64.0,
     engine_memory_mb: Annotated[
         float, typer.Option("--engine-memory-mb", help="Cap on the engine's pre-sliced sub-networks (MiB).")
-    ] = DEFAULT_MEMORY_MB,
+    ] = ENGINE_MEMORY_MB,
+    verbose: VerboseOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Evaluate a dense or FTWT checkpoint (and --compare others) on the test split."""
+    from ftwt_cli.algorithms.perturb import BLUR_SIGMAS, NOISE_SIGMAS, perturbation_grid
+    from ftwt_cli.cli.eval_tables import print_tables, tables_of
+    from ftwt_cli.io.checkpoint import atomic_write_bytes
+    from ftwt_cli.io.plots import plot_brier, plot_clusters, plot_layer_budget, plot_layer_latency, plot_layer_pruning
+    from ftwt_cli.workflows.evaluate import LatencyOptions, evaluate_checkpoints
+
     blur = parse_sigmas(blur_sigmas, "--blur-sigmas") if blur_sigmas is not None else list(BLUR_SIGMAS)
     noise = parse_sigmas(noise_sigmas, "--noise-sigmas") if noise_sigmas is not None else list(NOISE_SIGMAS)
     sweep = brier_noise or blur_sigmas is not None or noise_sigmas is not None
@@ -104,6 +105,7 @@ def eval_command(
     _check_output_dir(plots, "--plots")
     cfg = resolve_config(
         profile,
+        verbose,
         model=model,
         data=data,
         checkpoint=checkpoint,
@@ -121,8 +123,8 @@ def eval_command(
     options = LatencyOptions(latency_samples, threads, cache_mb, engine_memory_mb, batch_size) if latency else None
     reports = evaluate_checkpoints(cfg, compare or [], perturbations, options)
 
-    tables = _tables(reports)
-    _print_tables(reports, tables)
+    tables = tables_of(reports)
+    print_tables(reports, tables)
     if csv:
         for name, frame in tables.items():
             atomic_write_bytes(Path(csv) / f"{name}.csv", lambda f, fr=frame: f.write(fr.to_csv(index=False).encode()))
@@ -148,162 +150,3 @@ def eval_command(
                 "config": cfg.to_dict(),
             }
         )
-
-
-def _tables(reports: list[ModelReport]) -> dict[str, pd.DataFrame]:
-    """Every table of the report as a DataFrame, keyed by its CSV name."""
-    tables = {
-        "summary": pd.DataFrame(
-            {
-                "model": r.label,
-                "top1_pct": r.top1,
-                "top5_pct": r.top5,
-                "brier": r.brier_clean,
-                "flops_reduction_pct": r.flops_reduction_pct,
-                "flops_reduction_with_heads_pct": r.flops_reduction_with_heads_pct,
-                "mean_mmacs": r.mean_macs / 1e6,
-                "dense_mmacs": r.dense_macs / 1e6,
-            }
-            for r in reports
-        ),
-        "layers": pd.DataFrame({"model": r.label} | vars(layer) for r in reports for layer in r.layers),
-    }
-    estimates = [{"model": r.label} | r.estimate for r in reports if r.estimate]
-    if estimates:
-        tables["estimate"] = pd.DataFrame(estimates)
-    for kind in ("blur", "noise"):
-        points = pd.DataFrame(
-            {"model": r.label, "sigma": p.sigma, "brier": p.brier, "top1_pct": p.top1}
-            for r in reports
-            for p in r.brier
-            if p.perturbation == kind
-        )
-        if not points.empty:
-            wide = points.pivot(index="sigma", columns="model", values=["brier", "top1_pct"])
-            wide = wide.reindex(columns=[r.label for r in reports], level=1)
-            wide.columns = [f"{label} {metric}" for metric, label in wide.columns]
-            tables[f"brier_{kind}"] = wide.reset_index()
-    latencies = [{"model": r.label} | r.latency for r in reports if r.latency]
-    if latencies:
-        tables["latency"] = pd.DataFrame(latencies)
-        # Per conv: the engine's build-time measurement of its sparse paths against its dense conv.
-        layer_rows = [{"model": r.label} | layer for r in reports if r.latency for layer in r.latency.get("layers", [])]
-        if layer_rows:
-            tables["latency_layers"] = pd.DataFrame(layer_rows)
-    return tables
-
-
-#: Display names of CSV columns in the terminal tables.
-HEADERS = {
-    "top1_pct": "top-1 %",
-    "top5_pct": "top-5 %",
-    "brier": "Brier",
-    "flops_reduction_pct": "FLOPs ↓ %",
-    "flops_reduction_with_heads_pct": "with heads %",
-    "mean_mmacs": "MMACs",
-    "dense_mmacs": "dense MMACs",
-    "name": "layer",
-    "channels": "C",
-    "keep_ratio": "keep",
-    "head_accuracy": "head acc",
-    "core_fraction": "core",
-    "target": "target %",
-    "chosen_r": "r",
-    "estimated_reduction_pct": "estimated ↓ %",
-    "reached_reduction_pct": "reached ↓ %",
-    "reached_with_heads_pct": "with heads ↓ %",
-    "difference_pct": "Δ vs target",
-    "target_keep_ratio": "target keep",
-    "head_bce": "BCE",
-    "dense_ms": "dense ms",
-    "engine_ms": "engine ms",
-    "latency_reduction_pct": "latency ↓ %",
-    "cache_hit_rate": "cache hits",
-    "sparse_layer_count": "sparse layers",
-    "fallback": "dense fallback",
-    "sparse_us": "sparse µs",
-    "dense_us": "dense µs",
-    "active_in": "active in",
-}
-#: The fields of ftwt_cli.engine.latency.latency_report shown in the terminal.
-LATENCY_COLUMNS = (
-    "dense_ms",
-    "engine_ms",
-    "latency_reduction_pct",
-    "flops_reduction_pct",
-    "ratio",
-    "sparse_layer_count",
-    "fallback",
-    "cache_hit_rate",
-)
-#: The per-layer latency fields shown in the terminal.
-LATENCY_LAYER_COLUMNS = ("name", "keep", "active_in", "sparse", "dense_us", "sparse_us")
-
-
-def _print_tables(reports: list[ModelReport], tables: dict[str, pd.DataFrame]) -> None:
-    console.print(_rich_table("summary (clean test set)", tables["summary"]))
-    layers = tables["layers"]
-    for r in reports:
-        console.print(_rich_table(f"per layer: {r.label}", layers[layers["model"] == r.label].drop(columns="model")))
-    if "estimate" in tables:
-        console.print(_rich_table("estimated vs reached FLOPs reduction", tables["estimate"]))
-    for kind in ("blur", "noise"):
-        points = {r.label: {p.sigma: p for p in r.brier if p.perturbation == kind} for r in reports}
-        sigmas = sorted({s for by_sigma in points.values() for s in by_sigma})
-        if not sigmas:
-            continue
-        table = Table("σ", *points, title=f"Brier (top-1 %), Gaussian {kind}")
-        for sigma in sigmas:
-            cells = [f"{by_sigma[sigma].brier:.4f} ({by_sigma[sigma].top1:.1f})" for by_sigma in points.values()]
-            table.add_row(f"{sigma:g}", *cells)
-        console.print(table)
-    if "latency" in tables:
-        frame = tables["latency"]
-        shown = [c for c in ("model", *LATENCY_COLUMNS) if c in frame.columns]  # the CSV keeps every field
-        first = reports[0].latency
-        title = f"CPU latency, batch 1, {first.get('samples')} images, {first.get('threads')} thread(s)"
-        console.print(_rich_table(title, frame[shown]))
-    for r in reports:
-        _print_engine_details(r)
-    if "latency_layers" in tables:
-        layers = tables["latency_layers"]
-        for r in reports:
-            rows = layers[layers["model"] == r.label]
-            if not rows.empty:
-                title = f"per-layer latency (build-time measurement, sparse = runs its sparse paths): {r.label}"
-                console.print(_rich_table(title, rows[[c for c in LATENCY_LAYER_COLUMNS if c in rows.columns]]))
-
-
-def _print_engine_details(report: ModelReport) -> None:
-    """The engine's pre-sliced sub-networks and, with --batch-size, batched throughput."""
-    latency = report.latency or {}
-    fitted, use = latency.get("prototypes") or {}, latency.get("prototype_use")
-    if use and fitted.get("prototypes"):
-        console.print(
-            f"engine prototypes ({report.label}): {fitted['prototypes']} over {fitted['layers']} layers, fitted on "
-            f"{fitted['fitted_on']} held-out images; {use['memory_mb']:.1f} of {fitted['memory_cap_mb']:g} MiB; "
-            f"coverage {100 * use['coverage']:.1f} % of gated conv calls, extra MACs {use['extra_mac_pct']:.2f} % of theirs",
-            highlight=False,
-        )
-    for size, row in (latency.get("batched") or {}).items():
-        console.print(
-            f"batch {size} ({report.label}): dense {row['dense_images_per_s']:.1f} images/s, engine "
-            f"{row['engine_images_per_s']:.1f} images/s, speedup {row['speedup']:.2f}×",
-            highlight=False,
-        )
-
-
-def _rich_table(title: str, frame: pd.DataFrame) -> Table:
-    headers = [HEADERS.get(c, c.replace("_pct", " %").replace("_", " ")) for c in frame.columns]
-    table = Table(*headers, title=title)
-    for row in frame.itertuples(index=False):
-        table.add_row(*(_cell(v) for v in row))
-    return table
-
-
-def _cell(value) -> str:
-    if value is None or (isinstance(value, float) and pd.isna(value)):
-        return "–"
-    if isinstance(value, float):
-        return f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}"
-    return str(value)
