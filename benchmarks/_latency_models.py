@@ -127,7 +127,7 @@ def calibrated(run: Path, level: float, model: str, data: str, profile: Path) ->
         try:
             _ftwt(["calibrate", str(run / "best.pt"), "--target-flops", f"{level:g}", "--model", model, "--out", str(out)], data, profile)
         except subprocess.CalledProcessError:
-            console.print(f"[yellow]calibration of {run.name} to {level:g} % failed; that level is skipped[/yellow]")
+            console.print(f"[yellow]calibration of {run.name} to {level:g} % failed; that level is skipped[/yellow]", markup=True)
             return None
     return out
 

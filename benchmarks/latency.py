@@ -114,7 +114,7 @@ def bench_model(name: str, args, directory: Path, levels: list[float], threads: 
         masks = masks_on(model, images)
         reduction = reduction_of(model, masks)
         if abs(reduction - level) > LEVEL_SLACK:  # calibration could not reach it (the target rule's limit)
-            console.print(f"[yellow]{name}: calibrated to {level:g} %, the timed images show {reduction:.1f} %: level skipped[/yellow]")
+            console.print(f"[yellow]{name}: calibrated to {level:g} %, the timed images show {reduction:.1f} %: level skipped[/yellow]", markup=True)
             skipped[f"{level:g}"] = reduction
             continue
         masks_norm = masks_on(load_ftwt(cfg, runs["head_norm"][level]), images) if level in runs["head_norm"] else None
@@ -154,6 +154,7 @@ def bench_model(name: str, args, directory: Path, levels: list[float], threads: 
                 f"{use.get('memory_mb', 0.0):.0f} MiB; max relative error {report['max_rel_error']:.1e}, {report['mask_mismatches']} mask(s) differ; "
                 f"load {os.getloadavg()[0]:.2f}",
                 highlight=False,
+                markup=True,
             )
             for batch, row in (report.get("batched") or {}).items():
                 console.print(f"  batch {batch}: dense {row['dense_images_per_s']:.1f} images/s, engine {row['engine_images_per_s']:.1f}, speedup {row['speedup']:.2f}×", highlight=False)
@@ -162,7 +163,7 @@ def bench_model(name: str, args, directory: Path, levels: list[float], threads: 
     for count in threads:
         every = latency_report(dense_loaded, images[: min(len(images), 50)], threads=count, cache_mb=args.cache_mb, warmup=4, fallback=False, calibrate=False, layout_images=layout[:8])
         kept[str(count)] = {k: every[k] for k in ("dense_ms", "engine_ms", "latency_reduction_pct", "dense_channels_last", "engine_channels_last")}
-        console.print(f"[bold]{name}[/bold] every filter kept, {count} thread(s): dense {every['dense_ms']:.2f} ms, engine {every['engine_ms']:.2f} ms", highlight=False)
+        console.print(f"[bold]{name}[/bold] every filter kept, {count} thread(s): dense {every['dense_ms']:.2f} ms, engine {every['engine_ms']:.2f} ms", highlight=False, markup=True)
     if not reports:
         return {"levels": [], "skipped_levels": skipped, "training": runs["training"], "every_filter_kept": kept}
     top = min((r for r in reports if r["threads"] == threads[0]), key=lambda r: abs(r["flops_reduction_pct"] - 52.0))
