@@ -88,10 +88,8 @@ def eval_command(
     json_out: JsonOpt = False,
 ) -> None:
     """Evaluate a dense or FTWT checkpoint (and --compare others) on the test split."""
+    # pandas (the tables) and matplotlib (--plots) load once there is something to show.
     from ftwt_cli.algorithms.perturb import BLUR_SIGMAS, NOISE_SIGMAS, perturbation_grid
-    from ftwt_cli.cli.eval_tables import print_tables, tables_of
-    from ftwt_cli.io.checkpoint import atomic_write_bytes
-    from ftwt_cli.io.plots import plot_brier, plot_clusters, plot_layer_budget, plot_layer_latency, plot_layer_pruning
     from ftwt_cli.workflows.evaluate import LatencyOptions, evaluate_checkpoints
 
     blur = parse_sigmas(blur_sigmas, "--blur-sigmas") if blur_sigmas is not None else list(BLUR_SIGMAS)
@@ -123,12 +121,18 @@ def eval_command(
     options = LatencyOptions(latency_samples, threads, cache_mb, engine_memory_mb, batch_size) if latency else None
     reports = evaluate_checkpoints(cfg, compare or [], perturbations, options)
 
+    from ftwt_cli.cli.eval_tables import print_tables, tables_of
+
     tables = tables_of(reports)
     print_tables(reports, tables)
     if csv:
+        from ftwt_cli.io.checkpoint import atomic_write_bytes
+
         for name, frame in tables.items():
             atomic_write_bytes(Path(csv) / f"{name}.csv", lambda f, fr=frame: f.write(fr.to_csv(index=False).encode()))
     if plots:
+        from ftwt_cli.io.plots import plot_brier, plot_clusters, plot_layer_budget, plot_layer_latency, plot_layer_pruning
+
         for kind in ("blur", "noise"):
             if any(p.perturbation == kind for p in reports[0].brier):
                 plot_brier(reports, kind, Path(plots) / f"brier_{kind}.png", title=cfg.model)

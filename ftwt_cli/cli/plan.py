@@ -73,11 +73,8 @@ def estimate_command(
     json_out: JsonOpt = False,
 ) -> None:
     """Expected FLOPs reduction of every r, from ONE pass of the trained dense model over training data."""
-    import pandas as pd
-
     from ftwt_cli.io.checkpoint import atomic_write_bytes, check_writable
     from ftwt_cli.io.config import check_target_flops
-    from ftwt_cli.io.plots import plot_estimate
     from ftwt_cli.workflows.plan import plan_estimate
 
     if target_flops is not None:
@@ -114,11 +111,15 @@ def estimate_command(
             f"target {target_flops:g}% → r = {est.ratios[chosen]:.4g} (estimated {est.reduction_pct(chosen):.2f}%)"
         )
     if csv:
+        import pandas as pd
+
         frame = pd.DataFrame(
             [{k: v for k, v in row.items() if k != "per_layer_keep"} | {f"keep/{n}": k for n, k in row["per_layer_keep"].items()} for row in rows]
         )
         atomic_write_bytes(csv, lambda f: f.write(frame.to_csv(index=False).encode()))
     if plot:
+        from ftwt_cli.io.plots import plot_estimate
+
         plot_estimate(est, plot, target_flops, est.ratios[chosen] if chosen is not None else None, title=cfg.model)
     if json_out:
         doc = {
