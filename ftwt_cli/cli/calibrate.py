@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Annotated, Optional
 
 import typer
-from rich.table import Table
 
 from ftwt_cli.cli.app import (
     BatchOpt,
@@ -17,21 +16,20 @@ from ftwt_cli.cli.app import (
     JsonOpt,
     ModelOpt,
     ProfileOpt,
+    VerboseOpt,
     WorkersOpt,
-    app,
+    command,
     handle_errors,
     resolve_config,
 )
-from ftwt_cli.console import console, emit_json
-from ftwt_cli.io.config import DEFAULT_PROFILE
-from ftwt_cli.workflows.calibrate import calibrate_checkpoint
-from ftwt_cli.workflows.train.records import calibration_figures
+from ftwt_cli.cli.names import DEFAULT_PROFILE
+from ftwt_cli.console import console, emit_json, plain_table
 
 
-@app.command("calibrate")
+@command("calibrate")
 @handle_errors
 def calibrate_command(
-    checkpoint: Annotated[str, typer.Argument(help="FTWT checkpoint (from 'ftwt train --r/--target-flops').")],
+    checkpoint: Annotated[str, typer.Argument(help="FTWT checkpoint (from 'ftwt train --ratio/--target-flops').")],
     target_flops: Annotated[
         float, typer.Option("--target-flops", help="Percent of dense FLOPs to REMOVE, heads' cost included, in (0, 100).")
     ],
@@ -51,17 +49,22 @@ def calibrate_command(
     data_root: DataRootOpt = None,
     download: DownloadOpt = None,
     workers: WorkersOpt = None,
+    verbose: VerboseOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Choose per-layer head thresholds on held-out training images so the model removes --target-flops % of
-    the FLOPs; report the test split before and after."""
+    """Per-layer head thresholds so an FTWT checkpoint removes --target-flops % of the FLOPs.
+
+    The thresholds are chosen on held-out training images; the test split is reported before and after."""
+    from ftwt_cli.workflows.calibrate import calibrate_checkpoint
+    from ftwt_cli.workflows.train.records import calibration_figures
+
     cfg = resolve_config(
-        profile, model=model, data=data, image_size=image_size, batch_size=batch_size, device=device, data_root=data_root,
+        profile, verbose, model=model, data=data, image_size=image_size, batch_size=batch_size, device=device, data_root=data_root,
         download=download, workers=workers,
     )  # fmt: skip
     record = calibrate_checkpoint(cfg, checkpoint, target_flops, out, codebook=codebook)
     destination = record["path"]
-    table = Table("", "FLOPs ↓", "top-1", title=f"ftwt calibrate → {destination}")
+    table = plain_table("", "FLOPs ↓", "top-1", title=f"ftwt calibrate → {destination}")
     table.add_row(f"held-out images ({record['images']}), before → after", f"{record['raw_pct']:.2f}% → {record['reached_pct']:.2f}%", "")
     for label, flops, top1 in calibration_figures(record, given="as given"):
         table.add_row(f"test, {label}", f"{flops:.2f}%", f"{top1:.2f}%")

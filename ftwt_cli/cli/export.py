@@ -8,18 +8,17 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ftwt_cli.cli.app import BatchOpt, DataOpt, DataRootOpt, JsonOpt, ProfileOpt, WorkersOpt, app, handle_errors
-from ftwt_cli.console import console, emit_json
+from ftwt_cli.cli.app import BatchOpt, DataOpt, DataRootOpt, JsonOpt, ProfileOpt, WorkersOpt, command, handle_errors
+from ftwt_cli.cli.names import DEFAULT_PROFILE, EXPORT_FORMATS
+from ftwt_cli.console import console, emit_json, plain_table
 from ftwt_cli.errors import BadInput
-from ftwt_cli.io.config import DEFAULT_PROFILE
-from ftwt_cli.workflows.export import FORMATS, export_checkpoint, info
 
 
-@app.command("export")
+@command("export")
 @handle_errors
 def export_command(
     checkpoint: Annotated[str, typer.Argument(help="A dense, static or FTWT checkpoint (calibrated or not).")],
-    fmt: Annotated[str, typer.Option("--format", help=f"{' | '.join(FORMATS)}.")] = "torchscript",
+    fmt: Annotated[str, typer.Option("--format", help=f"{' | '.join(EXPORT_FORMATS)}.")] = "torchscript",
     out: Annotated[Optional[str], typer.Option("--out", help="The file to write.")] = None,
     static_core: Annotated[
         bool, typer.Option("--static-core", help="Export the static core: never-kept filters removed, always-kept ones ungated.")
@@ -38,12 +37,14 @@ def export_command(
     """Export a checkpoint (model, heads and calibrated offsets) checked against ftwt eval's model on test images."""
     if not out:
         raise BadInput("--out FILE is required (where to write the exported model)")
+    from ftwt_cli.workflows.export import export_checkpoint
+
     record = export_checkpoint(
         profile, checkpoint, fmt, out, static_core=static_core, min_keep_rate=min_keep_rate,
         check_samples=check_samples, data=data, batch_size=batch_size, data_root=data_root, workers=workers,
     )  # fmt: skip
     check = record["check"]
-    table = Table("", "", title=f"ftwt export → {record['path']}", show_header=False)
+    table = plain_table("", "", title=f"ftwt export → {record['path']}", show_header=False)
     table.add_row("format", record["format"])
     table.add_row("model", f"{record['model']} ({record['kind']}{', static core' if static_core else ''})")
     table.add_row("bytes", f"{record['bytes']:,}")
@@ -61,7 +62,7 @@ def export_command(
 
 
 def _core_table(figures: dict) -> Table:
-    table = Table("", "gated", "static core", title="static core against the gated model (test split)")
+    table = plain_table("", "gated", "static core", title="static core against the gated model (test split)")
     gated, core = figures["gated"], figures["core"]
     table.add_row("top-1 %", f"{gated['top1']:.2f}", f"{core['top1']:.2f}")
     table.add_row("FLOPs ↓ % (masks, vs dense)", f"{gated['flops_reduction_pct']:.2f}", f"{core['flops_reduction_pct']:.2f}")
@@ -73,15 +74,17 @@ def _core_table(figures: dict) -> Table:
     return table
 
 
-@app.command("info")
+@command("info")
 @handle_errors
 def info_command(
     file: Annotated[str, typer.Argument(help="An ftwt checkpoint, a plain state_dict, or a file from 'ftwt export'.")],
     json_out: JsonOpt = False,
 ) -> None:
     """What a checkpoint or exported file carries: architecture, input, normalisation, classes, heads, offsets, calibration."""
+    from ftwt_cli.workflows.export import info
+
     doc = info(file)
-    table = Table("", "", title=f"ftwt info {file}", show_header=False)
+    table = plain_table("", "", title=f"ftwt info {file}", show_header=False)
     for key in ("format", "kind", "model", "num_classes", "input_size", "data", "ftwt_version", "trained_with_ftwt", "tensors", "parameters", "epoch"):
         if doc.get(key) is not None:
             table.add_row(key, str(doc[key]))

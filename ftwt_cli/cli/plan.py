@@ -5,9 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Optional
 
-import pandas as pd
 import typer
-from rich.table import Table
 
 from ftwt_cli.cli.app import (
     BatchOpt,
@@ -23,34 +21,34 @@ from ftwt_cli.cli.app import (
     SamplesOpt,
     SeedOpt,
     TargetOpt,
+    VerboseOpt,
     WorkersOpt,
-    app,
+    command,
     handle_errors,
     resolve_config,
 )
-from ftwt_cli.console import console, emit_json
+from ftwt_cli.cli.names import DEFAULT_PROFILE
+from ftwt_cli.console import console, emit_json, plain_table
 from ftwt_cli.errors import BadInput
-from ftwt_cli.io.checkpoint import atomic_write_bytes, check_writable
-from ftwt_cli.io.config import DEFAULT_PROFILE, PROFILE_DIR, check_target_flops, list_profiles
-from ftwt_cli.io.plots import plot_estimate
-from ftwt_cli.workflows.plan import plan_estimate, plan_search
 
 
-@app.command("profiles")
+@command("profiles")
 @handle_errors
 def profiles_command(json_out: JsonOpt = False) -> None:
     """List the shipped profiles (--profile also takes the path of a TOML file of your own)."""
+    from ftwt_cli.io.config import PROFILE_DIR, list_profiles
+
     rows = list_profiles()
     if json_out:
         emit_json([{"name": n, "description": d, "default": n == DEFAULT_PROFILE, "path": str(PROFILE_DIR / f"{n}.toml")} for n, d in rows])
         return
-    table = Table("profile", "description", title="ftwt profiles", caption=f"files: {PROFILE_DIR}/NAME.toml")
+    table = plain_table("profile", "description", title="ftwt profiles", caption=f"files: {PROFILE_DIR}/NAME.toml")
     for name, description in rows:
         table.add_row(name + (" (default)" if name == DEFAULT_PROFILE else ""), description)
     console.print(table)
 
 
-@app.command("estimate")
+@command("estimate")
 @handle_errors
 def estimate_command(
     profile: ProfileOpt = DEFAULT_PROFILE,
@@ -71,9 +69,14 @@ def estimate_command(
     target_flops: TargetOpt = None,
     csv: Annotated[Optional[str], typer.Option("--csv", help="Write the table as CSV.")] = None,
     plot: Annotated[Optional[str], typer.Option("--plot", help="Write r → estimated reduction as a PNG.")] = None,
+    verbose: VerboseOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Expected FLOPs reduction of every r, from ONE pass of the trained dense model over training data."""
+    from ftwt_cli.io.checkpoint import atomic_write_bytes, check_writable
+    from ftwt_cli.io.config import check_target_flops
+    from ftwt_cli.workflows.plan import plan_estimate
+
     if target_flops is not None:
         check_target_flops(target_flops)
     for path, option in ((csv, "--csv"), (plot, "--plot")):
@@ -82,7 +85,7 @@ def estimate_command(
                 raise BadInput(f"{option} {path} is a folder; give a file name")
             check_writable(path, option)
     cfg = resolve_config(
-        profile, model=model, data=data, checkpoint=checkpoint, samples=samples, image_size=image_size, batch_size=batch_size,
+        profile, verbose, model=model, data=data, checkpoint=checkpoint, samples=samples, image_size=image_size, batch_size=batch_size,
         device=device, seed=seed, data_root=data_root, download=download, workers=workers,
     )  # fmt: skip
     planned = plan_estimate(cfg, ratios)
@@ -90,7 +93,7 @@ def estimate_command(
     chosen = est.nearest(target_flops) if target_flops is not None else None
 
     rows = est.rows()
-    table = Table("r", "FLOPs ↓ %", "with heads %", "mean keep", title=f"{cfg.model}: estimate over {est.samples} images")
+    table = plain_table("r", "FLOPs ↓ %", "with heads %", "mean keep", title=f"{cfg.model}: estimate over {est.samples} images")
     for i, row in enumerate(rows):
         keep = sum(row["per_layer_keep"].values()) / max(len(row["per_layer_keep"]), 1)
         style = "bold green" if i == chosen else None
@@ -108,11 +111,15 @@ def estimate_command(
             f"target {target_flops:g}% → r = {est.ratios[chosen]:.4g} (estimated {est.reduction_pct(chosen):.2f}%)"
         )
     if csv:
+        import pandas as pd
+
         frame = pd.DataFrame(
             [{k: v for k, v in row.items() if k != "per_layer_keep"} | {f"keep/{n}": k for n, k in row["per_layer_keep"].items()} for row in rows]
         )
         atomic_write_bytes(csv, lambda f: f.write(frame.to_csv(index=False).encode()))
     if plot:
+        from ftwt_cli.io.plots import plot_estimate
+
         plot_estimate(est, plot, target_flops, est.ratios[chosen] if chosen is not None else None, title=cfg.model)
     if json_out:
         doc = {
@@ -131,7 +138,7 @@ def estimate_command(
         emit_json(doc)
 
 
-@app.command("search")
+@command("search")
 @handle_errors
 def search_command(
     target_flops: TargetOpt = None,
@@ -151,15 +158,18 @@ def search_command(
     data_root: DataRootOpt = None,
     download: DownloadOpt = None,
     workers: WorkersOpt = None,
+    verbose: VerboseOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Bisect r until the estimated FLOPs reduction is within --tolerance of --target-flops."""
+    from ftwt_cli.workflows.plan import plan_search
+
     cfg = resolve_config(
-        profile, model=model, data=data, checkpoint=checkpoint, samples=samples, image_size=image_size, batch_size=batch_size,
+        profile, verbose, model=model, data=data, checkpoint=checkpoint, samples=samples, image_size=image_size, batch_size=batch_size,
         device=device, seed=seed, data_root=data_root, download=download, workers=workers,
     )  # fmt: skip
     result = plan_search(cfg, target_flops, tolerance, cascade).result
-    table = Table("step", "r", "estimated FLOPs ↓ %", title=f"bisection towards {target_flops:g}%")
+    table = plain_table("step", "r", "estimated FLOPs ↓ %", title=f"bisection towards {target_flops:g}%")
     for i, step in enumerate(result.steps, 1):
         table.add_row(str(i), f"{step['r']:.6f}", f"{step['reduction_pct']:.2f}")
     console.print(table)
@@ -167,8 +177,9 @@ def search_command(
         console.print(f"r = {result.chosen_r:.6f} → estimated {result.estimated_reduction_pct:.2f}% (target {target_flops:g}%)")
     else:
         console.print(
-            f"[yellow]no r within ±{tolerance:g} points: the estimate is too coarse (few samples?); closest r = "
-            f"{result.chosen_r:.6f} → {result.estimated_reduction_pct:.2f}%[/yellow]"
+            f"no r within ±{tolerance:g} points: the estimate is too coarse (few samples?); closest r = "
+            f"{result.chosen_r:.6f} → {result.estimated_reduction_pct:.2f}%",
+            style="yellow",
         )
     if json_out:
         emit_json(

@@ -6,9 +6,8 @@ import os
 from typing import Annotated, Optional
 
 import typer
-from rich.table import Table
 
-from ftwt_cli.algorithms.static import STATIC_METHODS
+from ftwt_cli.cli import names
 from ftwt_cli.cli.app import (
     BatchOpt,
     DataOpt,
@@ -21,34 +20,34 @@ from ftwt_cli.cli.app import (
     SamplesOpt,
     SeedOpt,
     TargetOpt,
+    VerboseOpt,
     WorkersOpt,
-    app,
+    alias,
+    command,
     handle_errors,
     resolve_config,
+    spelled,
 )
-from ftwt_cli.console import console, emit_json
-from ftwt_cli.core.graph import GATES
-from ftwt_cli.core.heads import HEADS
-from ftwt_cli.core.targets import TARGETS
+from ftwt_cli.console import console, emit_json, error_line, plain_table
 from ftwt_cli.errors import BadInput
-from ftwt_cli.io.config import DEFAULT_PROFILE
-from ftwt_cli.workflows import train as training
-from ftwt_cli.workflows.train.records import calibration_figures
+
+#: Options whose name is not their parameter's; filled per run with the spelling the user typed.
+_SPELLING: dict[str, str] = {"init": "--checkpoint", "r": "--ratio"}
 
 
 def _given(**options) -> list[str]:
-    return ["--" + name.replace("_", "-") for name, value in options.items() if value not in (None, False)]
+    return [_SPELLING.get(name, "--" + name.replace("_", "-")) for name, value in options.items() if value not in (None, False)]
 
 
-@app.command("train")
+@command("train")
 @handle_errors
 def train_command(
     dense: Annotated[bool, typer.Option("--dense", help="Train the plain backbone (the baseline FTWT starts from).")] = False,
-    init: Annotated[
-        Optional[str], typer.Option("--init", "--checkpoint", help="Dense weights to start FTWT from: an ftwt checkpoint, a plain state_dict, or 'torchvision' "
+    checkpoint: Annotated[
+        Optional[str], typer.Option("--checkpoint", help="Dense weights to start FTWT from: an ftwt checkpoint, a plain state_dict, or 'torchvision' "
             "(pretrained; also the profile's pretrained = true). Default: the profile's.")
     ] = None,
-    r: Annotated[Optional[float], typer.Option("--r", "--ratio", help="Mass ratio of the targets, in (0, 1] (--ratio under torchrun, whose own parser claims --r).")] = None,
+    ratio: Annotated[Optional[float], typer.Option("--ratio", help="Mass ratio r of the targets, in (0, 1].")] = None,
     target_flops: TargetOpt = None,
     mode: Annotated[Optional[str], typer.Option("--mode", help="decoupled | joint")] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs", help="Epochs (with --resume: train up to this many).")] = None,
@@ -62,7 +61,7 @@ def train_command(
         Optional[str], typer.Option("--head-init", help="random | ones (warm heads up to keep every channel first)")
     ] = None,
     head: Annotated[
-        Optional[str], typer.Option("--head", help=f"Decision head variant: {HEADS.choices(' | ')} (default: paper).")
+        Optional[str], typer.Option("--head", help=f"Decision head variant: {' | '.join(names.HEADS)} (default: paper).")
     ] = None,
     head_softmax: Annotated[
         Optional[bool], typer.Option("--head-softmax/--no-head-softmax", help="Softmax over the pooled head input.")
@@ -91,7 +90,7 @@ def train_command(
     ] = None,
     static: Annotated[
         Optional[str],
-        typer.Option("--static", help=f"Static baseline instead of FTWT: {STATIC_METHODS.choices(' | ')}; needs --target-flops."),
+        typer.Option("--static", help=f"Static baseline instead of FTWT: {' | '.join(names.STATIC_METHODS)}; needs --target-flops."),
     ] = None,
     signature: Annotated[
         Optional[str],
@@ -102,7 +101,7 @@ def train_command(
     ] = False,
     gate: Annotated[
         Optional[str],
-        typer.Option("--gate", help=f"Which conv→BN blocks get heads: {GATES.choices(' | ')} (internal: not the convs before residual adds)."),
+        typer.Option("--gate", help=f"Which conv→BN blocks get heads: {' | '.join(names.GATES)} (internal: not the convs before residual adds)."),
     ] = None,
     codebook: Annotated[
         Optional[int],
@@ -121,7 +120,7 @@ def train_command(
     ] = None,
     gt: Annotated[
         Optional[str],
-        typer.Option("--gt", help="Ground truth of the heads: " + " | ".join(f"{n} ({t.help})" for n, t in TARGETS.items()) + "."),
+        typer.Option("--gt", help="Ground truth of the heads: " + " | ".join(f"{n} ({h})" for n, h in names.TARGETS.items()) + "."),
     ] = None,
     out: Annotated[Optional[str], typer.Option("--out", help="Run directory (default runs/<profile>-<mode>...).")] = None,
     resume: Annotated[Optional[str], typer.Option("--resume", help="Continue this run directory.")] = None,
@@ -139,9 +138,17 @@ def train_command(
     sync_bn: Annotated[
         Optional[bool], typer.Option("--sync-bn/--no-sync-bn", help="SyncBatchNorm across torchrun processes (CUDA).")
     ] = None,
+    verbose: VerboseOpt = False,
     json_out: JsonOpt = False,
+    # Old spellings, hidden: --r (torchrun's own parser claims it) and --init.
+    r_old: Annotated[Optional[float], alias("--r", "FLOAT")] = None,
+    init_old: Annotated[Optional[str], alias("--init")] = None,
 ) -> None:
-    """Train a dense baseline (--dense) or an FTWT model from one (--init, --r or --target-flops)."""
+    """Train a dense baseline (--dense) or an FTWT model from one (--checkpoint, with --ratio or --target-flops)."""
+    from ftwt_cli.workflows import train as training
+
+    r, _SPELLING["r"] = spelled(ratio, r_old, "--ratio", "--r")
+    init, _SPELLING["init"] = spelled(checkpoint, init_old, "--checkpoint", "--init")
     is_main = os.environ.get("RANK", "0") == "0"
     ftwt_options = dict(
         r=r, mode=mode, head_lr=head_lr, freeze_heads_after=freeze_heads_after, head_init=head_init, head=head,
@@ -168,14 +175,15 @@ def train_command(
             )  # fmt: skip
         else:
             if r is not None and target_flops is not None:
-                raise BadInput("give either --r or --target-flops, not both")
+                raise BadInput(f"give either {_SPELLING['r']} or --target-flops, not both")
             if dense and (clash := _given(init=init, r=r, target_flops=target_flops, mode=mode, static=static, signature=signature,
                                           codebook=codebook, distill=distill)):
                 raise BadInput(f"--dense trains the plain backbone; {', '.join(clash)} apply to FTWT training")
             _check_baseline_options(static, signature, static_signature, gt, target_flops, **ftwt_options)
             prefix = "dense_" if dense else ""
             cfg = resolve_config(
-                profile or DEFAULT_PROFILE,
+                profile or names.DEFAULT_PROFILE,
+                verbose,
                 show=is_main,
                 model=model, data=data, image_size=image_size, samples=samples, train_samples=samples, batch_size=batch_size, device=device,
                 seed=seed, sync_bn=sync_bn, pretrained=False if dense else None, data_root=data_root, download=download,
@@ -192,11 +200,13 @@ def train_command(
                 static_signature=static_signature,
             )  # fmt: skip
     except training.NonFiniteLoss as exc:
-        console.print(f"[red]error:[/red] {exc}; stopped, the last good checkpoint is kept", highlight=False)
+        error_line(f"{exc}; stopped, the last good checkpoint is kept")
         raise typer.Exit(1) from None
     if not is_main:
         return
-    table = Table("", "", title=f"ftwt train ({summary.mode})", show_header=False)
+    from ftwt_cli.workflows.train.records import calibration_figures
+
+    table = plain_table("", "", title=f"ftwt train ({summary.mode})", show_header=False)
     table.add_row("run directory", summary.run_dir)
     table.add_row("epochs", str(summary.epochs))
     if summary.r is not None:
@@ -222,6 +232,9 @@ def train_command(
 
 def _check_baseline_options(static, signature, static_signature, gt, target_flops, **ftwt_options) -> None:
     """One-line errors for option combinations of the static baselines, signatures and --gt."""
+    from ftwt_cli.algorithms.static import STATIC_METHODS
+    from ftwt_cli.core.targets import TARGETS
+
     if gt is not None and gt not in TARGETS:
         raise BadInput(f"--gt must be {TARGETS.alternatives()}, got {gt!r}")
     if static is not None and static not in STATIC_METHODS:
@@ -238,6 +251,6 @@ def _check_baseline_options(static, signature, static_signature, gt, target_flop
         if clash := _given(gt=gt, r=ftwt_options["r"]):
             raise BadInput(f"--signature fixes per-layer counts with top-k targets; drop {', '.join(clash)}")
     elif gt == "topk" and target_flops is not None:
-        raise BadInput("--target-flops searches the mass ratio r; with --gt topk give --r (the kept fraction)")
+        raise BadInput("--target-flops searches the mass ratio r; with --gt topk give --ratio (the kept fraction)")
     if not (static or static_signature) and target_flops is None and (clash := _given(codebook=ftwt_options["codebook"], bn_reestimate=ftwt_options["bn_reestimate"])):
         raise BadInput(f"{', '.join(clash)} fit the delivered model to a FLOPs budget: add --target-flops P")

@@ -65,7 +65,7 @@ def held_out_images(run):
     if run.val_loader is not None:
         return run.val_loader
     cfg = run.spec.config
-    run.log("[yellow]warning:[/yellow] --val-fraction 0: calibrating on training images (none are held out)")
+    run.log("warning: --val-fraction 0: calibrating on training images (none are held out)")
     return make_loader(loading.dataset(cfg, "train"), cfg.batch_size, workers=cfg.workers)
 
 
