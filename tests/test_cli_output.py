@@ -18,7 +18,7 @@ from ftwt_cli.io.artifact import ONNX_EXTRA
 from ftwt_cli.models.zoo import TIMM_EXTRA
 
 PACKAGE = Path(__file__).resolve().parents[1] / "ftwt_cli"
-QUICKSTART = PACKAGE / "profiles" / "checkpoints" / "quickstart-dense.pt"
+QUICKSTART = config_mod.PROFILE_DIR / "checkpoints" / "quickstart-dense.pt"
 
 
 def invoke(*args):

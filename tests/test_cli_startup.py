@@ -19,7 +19,7 @@ from ftwt_cli.cli import app, names
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ("profiles", "estimate", "search", "train", "eval", "calibrate", "export", "info")
 HEAVY = ("torch", "torchvision", "pandas")
-QUICKSTART = ROOT / "ftwt_cli" / "profiles" / "checkpoints" / "quickstart-dense.pt"
+QUICKSTART = ROOT / "profiles" / "checkpoints" / "quickstart-dense.pt"
 
 PROBE = """
 import json, sys

@@ -71,6 +71,17 @@ class ConvStep:
 
     def _routed(self, x, pooled_cache: dict, slot: int) -> V.Routed:
         pooled = self._pooled(x, pooled_cache, slot)
+        if not isinstance(x, V.Routed) and x.shape[0] == 1:  # batch 1 from the dense stream: the common case
+            k = self.router.choose_one(pooled[0], 0)
+            out = [V.Group(None, k, self.sub[0][k](x))]
+            self.last = (1, out)
+            return V.Routed(out, self.channels, self.plan.conv.out_channels, 1)
+        if isinstance(x, V.Routed) and x.batch == 1:
+            g = x.groups[0]
+            k = self.router.choose_one(pooled[0], g.k)
+            out = [V.Group(None, k, self.sub[g.k][k](g.values))]
+            self.last = (1, out)
+            return V.Routed(out, self.channels, self.plan.conv.out_channels, 1)
         batch = x.batch if isinstance(x, V.Routed) else x.shape[0]
         groups_in = x.groups if isinstance(x, V.Routed) else [V.Group(None, 0, x)]
         out: list[V.Group] = []
