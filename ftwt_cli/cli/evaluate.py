@@ -33,7 +33,7 @@ from ftwt_cli.errors import BadInput
 from ftwt_cli.io.checkpoint import atomic_write_bytes
 from ftwt_cli.io.config import DEFAULT_PROFILE
 from ftwt_cli.io.plots import plot_brier, plot_clusters, plot_layer_budget, plot_layer_latency, plot_layer_pruning
-from ftwt_cli.workflows.evaluate import LatencyOptions, ModelReport, evaluate_checkpoints
+from ftwt_cli.workflows.evaluate import LatencyOptions, ModelReport, evaluate_checkpoints, evaluation_config
 
 
 def parse_sigmas(text: str, option: str) -> list[float]:
@@ -119,6 +119,7 @@ def eval_command(
     perturbations = perturbation_grid(blur, noise) if sweep else []
     # With --latency, a --batch-size given on the command line also times batched throughput at that size.
     options = LatencyOptions(latency_samples, threads, cache_mb, engine_memory_mb, batch_size) if latency else None
+    cfg = evaluation_config(cfg, compare or [])  # the checkpoint's data and input size unless given
     reports = evaluate_checkpoints(cfg, compare or [], perturbations, options)
 
     tables = _tables(reports)

@@ -86,7 +86,7 @@ def estimate_command(
         device=device, seed=seed, data_root=data_root, download=download, workers=workers,
     )  # fmt: skip
     planned = plan_estimate(cfg, ratios)
-    est, loaded = planned.result, planned.loaded
+    est, loaded, cfg = planned.result, planned.loaded, planned.config  # the checkpoint's setting where none was given
     chosen = est.nearest(target_flops) if target_flops is not None else None
 
     rows = est.rows()

@@ -88,9 +88,14 @@ class Config:
     head_init: str = "random"
     head_warmup: int = 0  # epochs of head-only training on the frozen backbone before any mask is applied
     calibrate: bool = True  # with --target-flops: per-layer head thresholds hit the budget after training
+    # the fields the user gave (CLI options), so that a checkpoint's own setting fills only the others;
+    # not part of the configuration's record
+    explicit: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        doc = dataclasses.asdict(self)
+        del doc["explicit"]
+        return doc
 
     def override(self, **values: Any) -> "Config":
         """Return a copy with every non-None value replaced (CLI options default to None)."""
@@ -139,7 +144,7 @@ def load_profile(name: str) -> Config:
             flat.update({f"{prefix}{k}": v for k, v in value.items()})
         else:
             flat[key] = value
-    fields = {f.name for f in dataclasses.fields(Config)} - {"profile"}
+    fields = {f.name for f in dataclasses.fields(Config)} - {"profile", "explicit"}
     unknown = sorted(set(flat) - fields)
     if unknown:
         raise BadInput(f"profile {path} has unknown fields: {', '.join(unknown)} (known: {', '.join(sorted(fields))})")
@@ -180,6 +185,7 @@ def resolve(profile: str | None, **overrides: Any) -> Config:
     if overrides.get("model") is not None and overrides["model"] != base.model:
         base = dataclasses.replace(base, checkpoint=None, pretrained=False)
     config = base.override(**overrides)
+    config = dataclasses.replace(config, explicit=frozenset(k for k, v in overrides.items() if v is not None))
     validate(config)
     return config
 

@@ -21,7 +21,7 @@ from ftwt_cli.core.masks import LayerStats, MaskStats
 from ftwt_cli.engine import DEFAULT_MEMORY_MB
 from ftwt_cli.engine.latency import latency_report
 from ftwt_cli.errors import BadInput
-from ftwt_cli.io import loading
+from ftwt_cli.io import loading, setting
 from ftwt_cli.io.config import Config, resolve_device
 from ftwt_cli.io.data import make_loader, stats_for
 
@@ -220,11 +220,22 @@ def evaluate(
     return reports
 
 
+def evaluation_config(cfg: Config, compare: Sequence[str] = ()) -> Config:
+    """``cfg`` with the setting (data, input size) ``cfg.checkpoint`` was trained on where the user gave
+    none; compared checkpoints must come from the same data set."""
+    if cfg.checkpoint is None:
+        raise BadInput(f"--checkpoint is required: {loading.how_to_get_weights(cfg)}")
+    cfg = setting.follow(cfg, cfg.checkpoint)
+    setting.same_data(cfg, list(compare))
+    return cfg
+
+
 def evaluate_checkpoints(
     cfg: Config, compare: Sequence[str] = (), perturbations: Sequence[Perturbation] = (), latency: LatencyOptions | None = None
 ) -> list[ModelReport]:
     """``cfg.checkpoint`` and every ``compare`` checkpoint on the test split (same-seed inputs), clean and
-    under ``perturbations``; with ``latency``, each model's batch-1 latency against the sparse engine."""
+    under ``perturbations``; with ``latency``, each model's batch-1 latency against the sparse engine.
+    ``cfg`` is the :func:`evaluation_config` (the checkpoint's setting)."""
     if cfg.checkpoint is None:
         raise BadInput(f"--checkpoint is required: {loading.how_to_get_weights(cfg)}")
     device = resolve_device(cfg.device)

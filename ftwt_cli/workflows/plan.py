@@ -9,7 +9,7 @@ import torch
 from ftwt_cli.algorithms.estimate import Estimate, SearchResult, UnreachableTarget, estimate, find_ratio
 from ftwt_cli.core.gating import FTWTModel
 from ftwt_cli.errors import BadInput
-from ftwt_cli.io import loading
+from ftwt_cli.io import loading, setting
 from ftwt_cli.io.config import Config, check_target_flops, parse_ratios, resolve_device
 from ftwt_cli.io.data import make_loader
 
@@ -20,10 +20,13 @@ class Planned:
 
     loaded: loading.LoadedModel
     result: Estimate | SearchResult
+    config: Config  # the configuration used: the checkpoint's data and input size where none was given
 
 
 def _frozen_gated(cfg: Config):
-    """The frozen dense model (gated, masks off), its device and the training data of the planning pass."""
+    """The frozen dense model (gated, masks off), its device, the training data of the planning pass and
+    the configuration used (the checkpoint's setting where the user gave none)."""
+    cfg = setting.follow(cfg, cfg.checkpoint)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)  # without a checkpoint the initialised weights must not vary between runs
     loaded = loading.load_model(cfg, cfg.checkpoint, require="dense")
@@ -31,14 +34,14 @@ def _frozen_gated(cfg: Config):
     for p in gated.parameters():
         p.requires_grad_(False)
     loader = make_loader(loading.dataset(cfg, "train"), cfg.batch_size, workers=cfg.workers)
-    return loaded, gated, loader, device
+    return loaded, gated, loader, device, cfg
 
 
 def plan_estimate(cfg: Config, ratios: str | None = None) -> Planned:
     """The expected FLOPs reduction of every r in ``ratios`` (default: the profile's)."""
     ratio_list = parse_ratios(ratios if ratios is not None else cfg.ratios)
-    loaded, gated, loader, device = _frozen_gated(cfg)
-    return Planned(loaded, estimate(gated, loader, ratio_list, device))
+    loaded, gated, loader, device, cfg = _frozen_gated(cfg)
+    return Planned(loaded, estimate(gated, loader, ratio_list, device), cfg)
 
 
 def plan_search(cfg: Config, target_flops: float | None, tolerance: float, cascade: bool = False) -> Planned:
@@ -48,8 +51,8 @@ def plan_search(cfg: Config, target_flops: float | None, tolerance: float, casca
     check_target_flops(target_flops)
     if tolerance <= 0:
         raise BadInput(f"--tolerance must be positive, got {tolerance:g}")
-    loaded, gated, loader, device = _frozen_gated(cfg)
+    loaded, gated, loader, device, cfg = _frozen_gated(cfg)
     try:
-        return Planned(loaded, find_ratio(gated, loader, device, target_flops, tolerance, cascade))
+        return Planned(loaded, find_ratio(gated, loader, device, target_flops, tolerance, cascade), cfg)
     except UnreachableTarget as exc:
         raise BadInput(str(exc)) from None

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ftwt_cli.io import checkpoint as ckpt
-from ftwt_cli.io import loading
+from ftwt_cli.io import loading, setting
 from ftwt_cli.io.config import Config
 from ftwt_cli.workflows.train import kinds
 from ftwt_cli.workflows.train.objectives import NonFiniteLoss
@@ -54,6 +54,7 @@ def start(cfg: Config, out: str | None = None, *, dense: bool = False, init: str
     """A new run from the CLI's choices (see :func:`new_spec`), into ``out`` or the default directory.
     ``init`` defaults to the profile's dense weights (its checkpoint, or torchvision's when pretrained)."""
     start_from = None if dense else loading.initial_weights(cfg, init)
+    cfg = setting.follow(cfg, start_from, "--init")  # the dense weights' data and input size, unless given
     spec = new_spec(cfg, dense=dense, init=start_from, **choices)
     ckpt.check_writable(out or "runs", "--out")
     return train(spec, out=out)

@@ -1,0 +1,111 @@
+"""A checkpoint carries its setting: the data, input size, normalisation and classes it was trained on.
+
+Every command that reads a checkpoint starts from that setting (:func:`follow`) unless the user gave
+another one: an option the checkpoint contradicts (another class count, another input size) is refused
+in one line, and the setting used is said in one line on stderr. A profile's own checkpoint (the
+shipped quickstart model) is used only with the data it was trained on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from pathlib import Path
+
+from ftwt_cli.console import console
+from ftwt_cli.errors import BadInput
+from ftwt_cli.io import checkpoint as ckpt
+from ftwt_cli.io import loading
+from ftwt_cli.io.config import Config
+from ftwt_cli.io.data import num_classes_of, parse_data, stats_for
+
+
+def recorded(path: str | None) -> dict | None:
+    """The meta of the ftwt checkpoint at ``path``; None for plain weights, ``torchvision`` or a file that
+    cannot be read (loading it later says what is wrong, in its own words)."""
+    if not path or path == loading.TORCHVISION or not Path(path).is_file():
+        return None
+    try:
+        return ckpt.load_checkpoint(path, allow_state_dict=True)["meta"]
+    except BadInput:
+        return None
+
+
+def train_dense_command(cfg: Config) -> str:
+    return f"ftwt train --dense --model {cfg.model} --data {cfg.data} --out runs/{cfg.model}-dense"
+
+
+def follow(cfg: Config, path: str | None, option: str = "--checkpoint") -> Config:
+    """``cfg`` with the data and input size ``path`` was trained on, where the user gave none.
+
+    ``option`` names how the user passes such a checkpoint (``--checkpoint``, ``--init``) in the way out
+    offered when the profile's own checkpoint does not fit the data given.
+    """
+    meta = recorded(path)
+    if not meta:
+        return cfg
+    data = meta.get("data") or cfg.data
+    origin = "from the checkpoint"
+    if data != cfg.data:
+        if "data" not in cfg.explicit:
+            cfg = dataclasses.replace(cfg, data=data)
+        elif path == cfg.checkpoint and "checkpoint" not in cfg.explicit:
+            raise BadInput(
+                f"the profile's checkpoint {path} was trained on {data}, not on --data {cfg.data}; train a dense "
+                f"model on it first: {train_dense_command(cfg)} (then pass {option} runs/{cfg.model}-dense/best.pt)"
+            )
+        else:
+            origin = f"given; {Path(path).name} was trained on {data}"
+    classes = int(meta.get("num_classes") or 0)
+    if classes and "data" in cfg.explicit and num_classes_of(parse_data(cfg.data), cfg.data_root) != classes:
+        raise BadInput(
+            f"--data {cfg.data} does not have the {classes} classes checkpoint {path} was trained on ({data}); "
+            "drop --data to use the checkpoint's"
+        )
+    cfg = _follow_size(cfg, meta, path)
+    h, w = loading.input_size(cfg)
+    note = _normalisation_note(cfg, meta)
+    if os.environ.get("RANK", "0") == "0":  # torchrun: one line, not one per process
+        console.print(f"data: {cfg.data}, {h}×{w} inputs, {classes or '?'} classes ({origin}){note}", highlight=False, soft_wrap=True)
+    return cfg
+
+
+def _follow_size(cfg: Config, meta: dict, path: str) -> Config:
+    size = meta.get("input_size")
+    if not size or tuple(size) == loading.input_size(cfg):
+        return cfg
+    if "image_size" in cfg.explicit:
+        raise BadInput(
+            f"checkpoint {path} was trained on {size[0]}×{size[1]} inputs; --image-size {cfg.image_size} contradicts it "
+            "(drop --image-size)"
+        )
+    if size[0] != size[1]:
+        raise BadInput(f"checkpoint {path} was trained on {size[0]}×{size[1]} inputs; ftwt feeds square images only")
+    return dataclasses.replace(cfg, image_size=int(size[0]))
+
+
+def _normalisation_note(cfg: Config, meta: dict) -> str:
+    """A word when the data given is normalised otherwise than the checkpoint's training data was."""
+    wanted = meta.get("normalization") or {}
+    mean, std = stats_for(parse_data(cfg.data), loading.family(cfg))
+    if not wanted or _close(mean, wanted.get("mean")) and _close(std, wanted.get("std")):
+        return ""
+    return f"; normalised with {cfg.data}'s statistics, not the {wanted.get('mean')} / {wanted.get('std')} it was trained with"
+
+
+def _close(a, b) -> bool:
+    return b is not None and len(a) == len(b) and all(math.isclose(x, y, abs_tol=1e-6) for x, y in zip(a, b))
+
+
+def same_data(cfg: Config, paths: list[str]) -> None:
+    """Refuse checkpoints compared side by side that were trained on different data sets."""
+    first = recorded(cfg.checkpoint)
+    reference = (first or {}).get("data") or cfg.data
+    for path in paths:
+        data = (recorded(path) or {}).get("data")
+        if data and data != reference:
+            raise BadInput(
+                f"--compare {path} was trained on {data} but {cfg.checkpoint} on {reference}; compare checkpoints of one data set"
+            )
+
