@@ -30,7 +30,7 @@ from ftwt_cli.cli.app import (
 from ftwt_cli.console import console, emit_json
 from ftwt_cli.engine import DEFAULT_MEMORY_MB
 from ftwt_cli.errors import BadInput
-from ftwt_cli.io.checkpoint import atomic_write_bytes
+from ftwt_cli.io.checkpoint import atomic_write_bytes, check_writable
 from ftwt_cli.io.config import DEFAULT_PROFILE
 from ftwt_cli.io.plots import plot_brier, plot_clusters, plot_layer_budget, plot_layer_latency, plot_layer_pruning
 from ftwt_cli.workflows.evaluate import LatencyOptions, ModelReport, evaluate_checkpoints, evaluation_config
@@ -51,6 +51,8 @@ def parse_sigmas(text: str, option: str) -> list[float]:
 def _check_output_dir(path: str | None, option: str) -> None:
     if path is not None and Path(path).exists() and not Path(path).is_dir():
         raise BadInput(f"{option} {path} exists and is not a folder")
+    if path is not None:
+        check_writable(path, option, folder=True)
 
 
 @app.command("eval")

@@ -36,6 +36,7 @@ def calibrate_checkpoint(cfg: Config, checkpoint: str, target_pct: float, out: s
     destination = Path(out) if out else default_output(checkpoint)
     if destination.is_dir():
         raise BadInput(f"--out {destination} is a folder; give a file name")
+    ckpt.check_writable(destination, "--out")
     cfg = setting.follow(cfg, checkpoint)
     loaded = loading.load_model(cfg, checkpoint, require="ftwt")
     meta = loaded.meta

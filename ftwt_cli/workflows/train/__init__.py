@@ -53,10 +53,10 @@ def new_spec(
 def start(cfg: Config, out: str | None = None, *, dense: bool = False, init: str | None = None, **choices) -> Summary:
     """A new run from the CLI's choices (see :func:`new_spec`), into ``out`` or the default directory.
     ``init`` defaults to the profile's dense weights (its checkpoint, or torchvision's when pretrained)."""
+    ckpt.check_writable(out or "runs", "--out", folder=True)  # before any work
     start_from = None if dense else loading.initial_weights(cfg, init)
     cfg = setting.follow(cfg, start_from, "--init")  # the dense weights' data and input size, unless given
     spec = new_spec(cfg, dense=dense, init=start_from, **choices)
-    ckpt.check_writable(out or "runs", "--out")
     return train(spec, out=out)
 
 
@@ -65,7 +65,7 @@ def resume(run_dir: str, epochs: int | None = None, **overrides) -> Summary:
     download, sync_bn), optionally up to ``epochs``."""
     spec = read_spec(Path(run_dir))
     spec.config = spec.config.override(**overrides)
-    ckpt.check_writable(run_dir, "--resume")
+    ckpt.check_writable(run_dir, "--resume", folder=True)
     if epochs is not None:
         spec.with_epochs(epochs)
     return train(spec, resume=run_dir)
