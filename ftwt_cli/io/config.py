@@ -177,7 +177,8 @@ def _check_type(path: Path, key: str, value: Any) -> None:
 def resolve(profile: str | None, **overrides: Any) -> Config:
     """The profile's configuration with CLI overrides applied and validated.
 
-    A ``model`` override that changes the profile's model also drops the profile's checkpoint (it holds
+    An ``epochs`` (or ``dense_epochs``) override without milestones scales the profile's milestones
+    with it (:func:`scale_milestones`). A ``model`` override that changes the profile's model also drops the profile's checkpoint (it holds
     weights of the profile's model) and its ``pretrained`` (torchvision weights are per model) unless
     they are given again.
     """
@@ -185,9 +186,25 @@ def resolve(profile: str | None, **overrides: Any) -> Config:
     if overrides.get("model") is not None and overrides["model"] != base.model:
         base = dataclasses.replace(base, checkpoint=None, pretrained=False)
     config = base.override(**overrides)
+    for prefix in ("", "dense_"):  # the profile's lr milestones follow a shorter or longer --epochs
+        epochs, milestones = overrides.get(f"{prefix}epochs"), f"{prefix}milestones"
+        if epochs is not None and overrides.get(milestones) is None and epochs != getattr(base, f"{prefix}epochs"):
+            scaled = scale_milestones(getattr(base, milestones), getattr(base, f"{prefix}epochs"), epochs)
+            config = dataclasses.replace(config, **{milestones: scaled})
     config = dataclasses.replace(config, explicit=frozenset(k for k, v in overrides.items() if v is not None))
     validate(config)
     return config
+
+
+def scale_milestones(milestones: list[int], profile_epochs: int, epochs: int) -> list[int]:
+    """The profile's milestones as the same fractions of ``epochs``: rounded, strictly increasing, each
+    before the last epoch (those that would not be are dropped)."""
+    out: list[int] = []
+    for m in sorted(milestones):
+        at = max(round(m * epochs / max(profile_epochs, 1)), out[-1] + 1 if out else 1)
+        if at < epochs:
+            out.append(at)
+    return out
 
 
 def validate(c: Config) -> None:
