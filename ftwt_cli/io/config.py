@@ -28,6 +28,8 @@ from ftwt_cli.core.graph import GATES
 from ftwt_cli.core.heads import DEFAULT_HEAD, HEAD_POOLS, HEADS
 from ftwt_cli.core.targets import TARGETS
 from ftwt_cli.errors import BadInput
+from ftwt_cli.models import check_model_name
+from ftwt_cli.models.zoo import did_you_mean
 
 # Package data, so that a wheel install finds the profiles and the quickstart checkpoint from any folder.
 PROFILE_DIR = Path(os.environ.get("FTWT_PROFILES") or Path(__file__).resolve().parents[1] / "profiles")
@@ -126,8 +128,8 @@ def profile_path(name: str) -> Path:
         return path
     path = PROFILE_DIR / f"{name}.toml"
     if not path.is_file():
-        names = ", ".join(p.stem for p in sorted(PROFILE_DIR.glob("*.toml")))
-        raise BadInput(f"unknown profile {name!r}; available: {names} (or the path of a .toml file)")
+        stems = [p.stem for p in sorted(PROFILE_DIR.glob("*.toml"))]
+        raise BadInput(f"unknown profile {name!r}{did_you_mean(name, stems)}; available: {', '.join(stems)} (or the path of a .toml file)")
     return path
 
 
@@ -208,6 +210,7 @@ def scale_milestones(milestones: list[int], profile_epochs: int, epochs: int) ->
 
 
 def validate(c: Config) -> None:
+    check_model_name(c.model)  # first: a misspelt model is refused before anything warns about it
     if c.batch_size < 1:
         raise BadInput(f"--batch-size must be at least 1, got {c.batch_size}")
     if c.samples < 0 or c.train_samples < 0 or c.test_samples < 0:
