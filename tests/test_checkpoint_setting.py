@@ -12,10 +12,10 @@ from PIL import Image
 SMOKE = ("--profile", "smoke")
 
 
-def _image_folder(root: Path, classes: int) -> Path:
+def _image_folder(root: Path, classes: int, prefix: str = "class") -> Path:
     for split in ("train", "test"):
         for c in range(classes):
-            folder = root / split / f"class{c}"
+            folder = root / split / f"{prefix}{c}"
             folder.mkdir(parents=True)
             for i in range(4):
                 Image.new("RGB", (32, 32), (60 * c, 20 * i, 120)).save(folder / f"{i}.png")
@@ -32,10 +32,11 @@ def trained(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("setting")
     three = _image_folder(root / "three", 3)
     two = _image_folder(root / "two", 2)
+    renamed = _image_folder(root / "renamed", 3, prefix="kind")
     args = ["train", *SMOKE, "--dense", "--data", f"imagefolder:{three}", "--out", str(root / "run")]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.stderr[-2000:]
-    return {"ckpt": root / "run" / "best.pt", "three": three, "two": two, "root": root}
+    return {"ckpt": root / "run" / "best.pt", "three": three, "two": two, "renamed": renamed, "root": root}
 
 
 def test_eval_without_data_uses_the_checkpoints_data_and_says_so(run_cli, trained):
@@ -59,6 +60,7 @@ def test_estimate_and_calibrate_follow_the_checkpoint_too(run_cli, trained):
     [
         (("--data", "imagefolder:{two}"), ("does not have the 3 classes", "drop --data")),
         (("--image-size", "64"), ("32×32 inputs", "--image-size 64 contradicts")),
+        (("--data", "imagefolder:{renamed}"), ("names its classes otherwise", "'kind0', not 'class0'")),
     ],
 )
 def test_options_that_contradict_the_checkpoint_are_refused(run_cli, trained, args, words):

@@ -17,8 +17,8 @@ from ftwt_cli.console import console
 from ftwt_cli.errors import BadInput
 from ftwt_cli.io import checkpoint as ckpt
 from ftwt_cli.io import loading
-from ftwt_cli.io.config import Config
-from ftwt_cli.io.data import num_classes_of, parse_data, stats_for
+from ftwt_cli.io.config import DEFAULT_PROFILE, Config
+from ftwt_cli.io.data import class_names_of, num_classes_of, parse_data, stats_for
 
 
 def recorded(path: str | None) -> dict | None:
@@ -32,8 +32,14 @@ def recorded(path: str | None) -> dict | None:
         return None
 
 
+def dense_run_dir(cfg: Config) -> str:
+    name = Path(cfg.model.split(":")[0]).stem if ":" in cfg.model else cfg.model  # file.py:build → file
+    return f"runs/{name}-dense"
+
+
 def train_dense_command(cfg: Config) -> str:
-    return f"ftwt train --dense --model {cfg.model} --data {cfg.data} --out runs/{cfg.model}-dense"
+    profile = "" if cfg.profile == DEFAULT_PROFILE else f" --profile {cfg.profile}"
+    return f"ftwt train --dense{profile} --model {cfg.model} --data {cfg.data} --out {dense_run_dir(cfg)}"
 
 
 def follow(cfg: Config, path: str | None, option: str = "--checkpoint") -> Config:
@@ -53,7 +59,7 @@ def follow(cfg: Config, path: str | None, option: str = "--checkpoint") -> Confi
         elif path == cfg.checkpoint and "checkpoint" not in cfg.explicit:
             raise BadInput(
                 f"the profile's checkpoint {path} was trained on {data}, not on --data {cfg.data}; train a dense "
-                f"model on it first: {train_dense_command(cfg)} (then pass {option} runs/{cfg.model}-dense/best.pt)"
+                f"model on it first: {train_dense_command(cfg)} (then pass {option} {dense_run_dir(cfg)}/best.pt)"
             )
         else:
             origin = f"given; {Path(path).name} was trained on {data}"
@@ -63,12 +69,28 @@ def follow(cfg: Config, path: str | None, option: str = "--checkpoint") -> Confi
             f"--data {cfg.data} does not have the {classes} classes checkpoint {path} was trained on ({data}); "
             "drop --data to use the checkpoint's"
         )
+    if "data" in cfg.explicit and data != cfg.data:
+        _same_class_names(cfg, meta, path)
     cfg = _follow_size(cfg, meta, path)
     h, w = loading.input_size(cfg)
     note = _normalisation_note(cfg, meta)
     if os.environ.get("RANK", "0") == "0":  # torchrun: one line, not one per process
         console.print(f"data: {cfg.data}, {h}×{w} inputs, {classes or '?'} classes ({origin}){note}", highlight=False, soft_wrap=True)
     return cfg
+
+
+def _same_class_names(cfg: Config, meta: dict, path: str) -> None:
+    """Other data with the checkpoint's class count must name its classes alike, in the same order, or its
+    labels would silently mean other classes."""
+    recorded_names = meta.get("class_names")
+    names = class_names_of(parse_data(cfg.data), cfg.data_root)
+    if not recorded_names or names is None or list(names) == list(recorded_names):
+        return
+    i = next(i for i, (a, b) in enumerate(zip(names, recorded_names)) if a != b)
+    raise BadInput(
+        f"--data {cfg.data} names its classes otherwise than checkpoint {path} (class {i}: {names[i]!r}, not "
+        f"{recorded_names[i]!r}), so its labels would mean other classes; drop --data or name the class folders alike"
+    )
 
 
 def _follow_size(cfg: Config, meta: dict, path: str) -> Config:
