@@ -225,9 +225,8 @@ def evaluation_config(cfg: Config, compare: Sequence[str] = ()) -> Config:
     none; compared checkpoints must come from the same data set."""
     if cfg.checkpoint is None:
         raise BadInput(f"--checkpoint is required: {loading.how_to_get_weights(cfg)}")
-    cfg = setting.follow(cfg, cfg.checkpoint)
-    setting.same_data(cfg, list(compare))
-    return cfg
+    setting.same_data(cfg, list(compare))  # first: a refusal is the only line
+    return setting.follow(cfg, cfg.checkpoint)
 
 
 def evaluate_checkpoints(
