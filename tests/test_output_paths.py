@@ -39,6 +39,7 @@ def test_a_file_where_a_folder_is_wanted_and_the_reverse(tmp_path):
         ("eval", *SMOKE, "--checkpoint", str(QUICKSTART), "--plots", "/proc/plots"),
         ("eval", *SMOKE, "--checkpoint", str(QUICKSTART), "--csv", "/sys/csv"),
         ("estimate", *SMOKE, "--csv", "/proc/x.csv"),
+        ("calibrate", str(QUICKSTART), *SMOKE, "--target-flops", "30", "--out", "/sys/calibrated.pt"),
     ],
 )
 def test_commands_refuse_special_outputs_before_any_work(run_cli, tmp_path, command):
