@@ -96,3 +96,16 @@ def test_ftwt_training_from_the_checkpoint_trains_on_its_data(run_cli, trained):
     assert result.exit_code == 0, result.stderr
     assert "(from the checkpoint)" in result.stderr
     assert json.loads((out / "config.json").read_text())["config"]["data"] == f"imagefolder:{trained['three']}"
+
+
+def test_a_moved_data_folder_is_named_with_the_way_out(run_cli, trained, tmp_path):
+    moved = tmp_path / "moved"
+    trained["three"].rename(moved)
+    try:
+        result = run_cli("eval", *SMOKE, "--checkpoint", trained["ckpt"])
+        assert result.exit_code == 2 and "which is not there; pass --data" in result.stderr
+        given = run_cli("eval", *SMOKE, "--checkpoint", trained["ckpt"], "--data", f"imagefolder:{moved}")
+        assert given.exit_code == 0, given.stderr
+        assert f"given; best.pt was trained on imagefolder:{trained['three']}" in given.stderr
+    finally:
+        moved.rename(trained["three"])

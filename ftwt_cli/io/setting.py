@@ -55,6 +55,9 @@ def follow(cfg: Config, path: str | None, option: str = "--checkpoint") -> Confi
     origin = "from the checkpoint"
     if data != cfg.data:
         if "data" not in cfg.explicit:
+            spec = parse_data(data)
+            if spec.kind == "imagefolder" and not spec.path.is_dir():  # moved since: say how to point at it
+                raise BadInput(f"checkpoint {path} was trained on {data}, which is not there; pass --data with its new place")
             cfg = dataclasses.replace(cfg, data=data)
         elif path == cfg.checkpoint and "checkpoint" not in cfg.explicit:
             raise BadInput(
