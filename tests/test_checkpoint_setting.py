@@ -109,3 +109,21 @@ def test_a_moved_data_folder_is_named_with_the_way_out(run_cli, trained, tmp_pat
         assert f"given; best.pt was trained on imagefolder:{trained['three']}" in given.stderr
     finally:
         moved.rename(trained["three"])
+
+
+def test_inputs_are_normalised_as_the_checkpoint_was(trained, tmp_path):
+    import torch
+
+    from ftwt_cli.io import loading, setting
+    from ftwt_cli.io.checkpoint import load_checkpoint, save_checkpoint
+    from ftwt_cli.io.config import resolve
+    from ftwt_cli.models import create_model
+
+    meta = load_checkpoint(trained["ckpt"])["meta"]
+    custom = tmp_path / "custom.pt"
+    save_checkpoint(custom, create_model("smallnet", 3), {**meta, "normalization": {"mean": [0.5] * 3, "std": [0.25] * 3}})
+    cfg = setting.follow(resolve("smoke", checkpoint=str(custom)), str(custom))
+    assert loading.normalization(cfg) == ((0.5,) * 3, (0.25,) * 3)
+    raw = loading.dataset(cfg, "test", normalize=False)[0][0]
+    assert torch.allclose(loading.dataset(cfg, "test")[0][0], (raw - 0.5) / 0.25, atol=1e-6)
+    assert loading.dense_meta(cfg, 3)["normalization"] == {"mean": [0.5] * 3, "std": [0.25] * 3}  # runs from it keep it

@@ -50,6 +50,7 @@ class Config:
     download: bool = False
     pretrained: bool = False
     checkpoint: str | None = None
+    normalization: list | None = None  # [mean, std] of the checkpoint followed on other --data (None: the data's own)
     image_size: int = 0  # input side in pixels (0: the model's own: registry models know it, other models take 32)
     samples: int = 0  # cap on training images of a planning pass: estimate, search (0: all)
     train_samples: int = 0  # cap on the training images 'ftwt train' uses, held-out ones included (0: all)
@@ -146,7 +147,7 @@ def load_profile(name: str) -> Config:
             flat.update({f"{prefix}{k}": v for k, v in value.items()})
         else:
             flat[key] = value
-    fields = {f.name for f in dataclasses.fields(Config)} - {"profile", "explicit"}
+    fields = {f.name for f in dataclasses.fields(Config)} - {"profile", "explicit", "normalization"}
     unknown = sorted(set(flat) - fields)
     if unknown:
         raise BadInput(f"profile {path} has unknown fields: {', '.join(unknown)} (known: {', '.join(sorted(fields))})")

@@ -75,8 +75,8 @@ def follow(cfg: Config, path: str | None, option: str = "--checkpoint") -> Confi
     if "data" in cfg.explicit and data != cfg.data:
         _same_class_names(cfg, meta, path)
     cfg = _follow_size(cfg, meta, path)
+    cfg, note = _follow_normalisation(cfg, meta)
     h, w = loading.input_size(cfg)
-    note = _normalisation_note(cfg, meta)
     if os.environ.get("RANK", "0") == "0":  # torchrun: one line, not one per process
         console.print(f"data: {cfg.data}, {h}×{w} inputs, {classes or '?'} classes ({origin}){note}", highlight=False, soft_wrap=True)
     return cfg
@@ -110,13 +110,19 @@ def _follow_size(cfg: Config, meta: dict, path: str) -> Config:
     return dataclasses.replace(cfg, image_size=int(size[0]))
 
 
-def _normalisation_note(cfg: Config, meta: dict) -> str:
-    """A word when the data given is normalised otherwise than the checkpoint's training data was."""
+def _follow_normalisation(cfg: Config, meta: dict) -> tuple[Config, str]:
+    """The model sees inputs normalised as in its training, also on other data: the checkpoint's statistics
+    where they differ from the data's (and a word on it)."""
     wanted = meta.get("normalization") or {}
     mean, std = stats_for(parse_data(cfg.data), loading.family(cfg))
     if not wanted or _close(mean, wanted.get("mean")) and _close(std, wanted.get("std")):
-        return ""
-    return f"; normalised with {cfg.data}'s statistics, not the {wanted.get('mean')} / {wanted.get('std')} it was trained with"
+        return cfg, ""
+    cfg = dataclasses.replace(cfg, normalization=[list(wanted["mean"]), list(wanted["std"])])
+    return cfg, f"; normalised as the checkpoint was (mean {_short(wanted['mean'])}, std {_short(wanted['std'])}), not with {cfg.data}'s statistics"
+
+
+def _short(values) -> str:
+    return "/".join(f"{v:.3g}" for v in values)
 
 
 def _close(a, b) -> bool:

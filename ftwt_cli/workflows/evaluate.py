@@ -23,7 +23,7 @@ from ftwt_cli.engine.latency import latency_report
 from ftwt_cli.errors import BadInput
 from ftwt_cli.io import loading, setting
 from ftwt_cli.io.config import Config, resolve_device
-from ftwt_cli.io.data import make_loader, stats_for
+from ftwt_cli.io.data import make_loader
 
 
 @dataclass
@@ -242,7 +242,7 @@ def evaluate_checkpoints(
     labels = unique_labels([describe(m.meta) for m in loaded], [m.path for m in loaded])
     models = [EvaluatedModel.of(m, label, device) for m, label in zip(loaded, labels)]
     loader = make_loader(loading.dataset(cfg, "test", normalize=False), cfg.batch_size, workers=cfg.workers)
-    normalize = Normalizer(*stats_for(loading.data_spec(cfg), loading.family(cfg)))
+    normalize = Normalizer(*loading.normalization(cfg))
     reports = evaluate(models, loader, normalize, device, perturbations, seed=cfg.seed)
     if latency is not None:
         images = first_images(loader, latency.samples, normalize)
