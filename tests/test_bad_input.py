@@ -160,7 +160,7 @@ CASES = [
     ("estimate", (*SMOKE, "--checkpoint", "{resnet20}"), ("is for model 'resnet20'", "--model resnet20")),
     ("estimate", (*SMOKE, "--checkpoint", "{resnet20_state}"), ("does not fit smallnet", "another architecture")),
     ("estimate", (*SMOKE, "--checkpoint", "{smallnet100_state}"), ("100 classes", "needs 10", "--data")),
-    ("estimate", (*SMOKE, "--checkpoint", "{dense100}"), ("has 100 classes", "--data synthetic has 10")),
+    ("estimate", (*SMOKE, "--checkpoint", "{dense100}"), ("cifar100 not found", "--download")),
     ("estimate", (*SMOKE, "--checkpoint", "{truncated}"), ("cannot read checkpoint", "truncated")),
     ("estimate", (*SMOKE, "--checkpoint", "{text}"), ("cannot read checkpoint", "not a PyTorch checkpoint")),
     ("estimate", (*SMOKE, "--checkpoint", "{empty}"), ("cannot read checkpoint", "empty")),

@@ -80,8 +80,8 @@ def normalise(value, work: str):
 
 #: Keys added to the documents since the golden file was recorded (each an addition in the CHANGELOG);
 #: every other key must still be there with its value.
-#: configuration fields: the accuracy options, and --image-size (CHANGELOG, Unreleased)
-ADDED = {"gate", "codebook", "distill", "distill_weight", "bn_reestimate", "image_size"}
+#: configuration fields: the accuracy options, and --image-size; the training summary's best.pt figures (CHANGELOG, Unreleased)
+ADDED = {"gate", "codebook", "distill", "distill_weight", "bn_reestimate", "image_size", "best_epoch", "best_test_top1", "normalization"}
 
 
 def same(a, b, where: str = "") -> list[str]:

@@ -68,8 +68,9 @@ def test_estimate_target_chooses_the_nearest_r(run_cli):
     doc = ok_json(run_cli("estimate", *FAST, "--ratios", "0.5:1.0:0.05", "--target-flops", "40", "--json"))
     assert len(doc["estimates"]) == 11
     nearest = min(doc["estimates"], key=lambda row: abs(row["flops_reduction_pct"] - 40))
-    assert doc["chosen_r"] == nearest["r"] and doc["target"] == 40
-    assert doc["chosen_reduction_pct"] == pytest.approx(nearest["flops_reduction_pct"])
+    assert doc["nearest_table_r"] == nearest["r"] and doc["target"] == 40
+    # the chosen r is search's bisection on the same pass, within its default tolerance of the target
+    assert abs(doc["chosen_reduction_pct"] - 40) <= 0.25
 
 
 def test_estimate_help_says_the_target_is_removed_flops(run_cli):

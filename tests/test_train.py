@@ -107,7 +107,8 @@ def _state(path):
 
 
 def test_resume_repeats_the_straight_run_exactly(run_cli, tmp_path, dense_ckpt):
-    common = ["train", "--profile", "smoke", "--init", dense_ckpt, "--r", "0.9", "--freeze-heads-after", "0.5"]
+    # explicit milestones: the profile's would scale with --epochs (1 vs 2), a resumed run keeps its own
+    common = ["train", "--profile", "smoke", "--init", dense_ckpt, "--r", "0.9", "--freeze-heads-after", "0.5", "--milestones", "1"]
     straight = run_cli(*common, "--epochs", "2", "--out", tmp_path / "straight")
     assert straight.exit_code == 0, straight.stderr
     first = run_cli(*common, "--epochs", "1", "--out", tmp_path / "resumed")

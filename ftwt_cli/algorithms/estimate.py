@@ -47,6 +47,15 @@ class Estimate:
         """Index of the ratio whose estimated reduction (without heads) is nearest ``target_pct``."""
         return min(range(len(self.ratios)), key=lambda i: (abs(self.reduction_pct(i) - target_pct), -self.ratios[i]))
 
+    def restricted(self, ratios: list[float]) -> "Estimate":
+        """The same pass's figures for ``ratios`` only (each one of this estimate's ratios)."""
+        where = {r: i for i, r in enumerate(self.ratios)}
+        index = [where[r] for r in ratios]
+        return Estimate(
+            list(ratios), self.dense_macs, self.head_macs, [self.mean_macs[i] for i in index],
+            [[row[i] for i in index] for row in self.keep], self.block_names, self.samples,
+        )  # fmt: skip
+
     def rows(self) -> list[dict]:
         return [
             {

@@ -45,6 +45,10 @@ def parse_sigmas(text: str, option: str) -> list[float]:
 def _check_output_dir(path: str | None, option: str) -> None:
     if path is not None and Path(path).exists() and not Path(path).is_dir():
         raise BadInput(f"{option} {path} exists and is not a folder")
+    if path is not None:
+        from ftwt_cli.io.checkpoint import check_writable
+
+        check_writable(path, option, folder=True)
 
 
 @command("eval")
@@ -88,7 +92,7 @@ def eval_command(
     """Evaluate a dense or FTWT checkpoint (and --compare others) on the test split."""
     # pandas (the tables) and matplotlib (--plots) load once there is something to show.
     from ftwt_cli.algorithms.perturb import BLUR_SIGMAS, NOISE_SIGMAS, perturbation_grid
-    from ftwt_cli.workflows.evaluate import LatencyOptions, evaluate_checkpoints
+    from ftwt_cli.workflows.evaluate import LatencyOptions, evaluate_checkpoints, evaluation_config
 
     blur = parse_sigmas(blur_sigmas, "--blur-sigmas") if blur_sigmas is not None else list(BLUR_SIGMAS)
     noise = parse_sigmas(noise_sigmas, "--noise-sigmas") if noise_sigmas is not None else list(NOISE_SIGMAS)
@@ -115,6 +119,7 @@ def eval_command(
     perturbations = perturbation_grid(blur, noise) if sweep else []
     # With --latency, a --batch-size given on the command line also times batched throughput at that size.
     options = LatencyOptions(latency_samples, threads, batch_size) if latency else None
+    cfg = evaluation_config(cfg, compare or [])  # the checkpoint's data and input size unless given
     reports = evaluate_checkpoints(cfg, compare or [], perturbations, options)
 
     from ftwt_cli.cli.eval_tables import print_tables, tables_of

@@ -88,8 +88,8 @@ def estimate_command(
         profile, verbose, model=model, data=data, checkpoint=checkpoint, samples=samples, image_size=image_size, batch_size=batch_size,
         device=device, seed=seed, data_root=data_root, download=download, workers=workers,
     )  # fmt: skip
-    planned = plan_estimate(cfg, ratios)
-    est, loaded = planned.result, planned.loaded
+    planned = plan_estimate(cfg, ratios, target_flops)
+    est, loaded, cfg = planned.result, planned.loaded, planned.config  # the checkpoint's setting where none was given
     chosen = est.nearest(target_flops) if target_flops is not None else None
 
     rows = est.rows()
@@ -106,10 +106,15 @@ def estimate_command(
         )
     console.print(table)
     console.print(f"dense MACs: {est.dense_macs / 1e6:.2f} M, heads: {est.head_macs / 1e6:.3f} M")
-    if chosen is not None:
+    if planned.search is not None:  # the r 'ftwt search' gives, by its bisection on this same pass
+        found = planned.search
         console.print(
-            f"target {target_flops:g}% → r = {est.ratios[chosen]:.4g} (estimated {est.reduction_pct(chosen):.2f}%)"
+            f"target {target_flops:g}% → r = {found.chosen_r:.6f} (estimated {found.estimated_reduction_pct:.2f}%, as 'ftwt search' "
+            f"bisects); nearest row of the table: r = {est.ratios[chosen]:.4g} ({est.reduction_pct(chosen):.2f}%)",
+            soft_wrap=True,
         )
+    elif chosen is not None:
+        console.print(f"target {target_flops:g}% → r = {est.ratios[chosen]:.4g} (estimated {est.reduction_pct(chosen):.2f}%); {planned.unreachable}", soft_wrap=True)
     if csv:
         import pandas as pd
 
@@ -133,8 +138,10 @@ def estimate_command(
         }
         if chosen is not None:
             doc["target"] = target_flops
-            doc["chosen_r"] = est.ratios[chosen]
-            doc["chosen_reduction_pct"] = est.reduction_pct(chosen)
+            found = planned.search
+            doc["chosen_r"] = found.chosen_r if found else est.ratios[chosen]
+            doc["chosen_reduction_pct"] = found.estimated_reduction_pct if found else est.reduction_pct(chosen)
+            doc["nearest_table_r"] = est.ratios[chosen]
         emit_json(doc)
 
 

@@ -213,6 +213,8 @@ def train_command(
         table.add_row("r", f"{summary.r:.4g}")
     table.add_row(f"best {summary.selected_on} top-1", f"{summary.best_top1:.2f}%")
     table.add_row("final test top-1", f"{summary.test_top1:.2f}%")
+    if summary.best_test_top1 is not None:  # best.pt's, which the last epoch's need not be
+        table.add_row(f"best.pt test top-1 (epoch {summary.best_epoch})", f"{summary.best_test_top1:.2f}%")
     if summary.flops_reduction_pct is not None:
         table.add_row("FLOPs reduction (measured)", f"{summary.flops_reduction_pct:.2f}%")
         if summary.flops_reduction_with_heads_pct is not None:

@@ -32,15 +32,34 @@ FORMAT = "ftwt"
 VERSION = 1
 
 
-def check_writable(path: str | Path, option: str = "output") -> None:
-    """BadInput unless ``path`` can be created: its nearest existing ancestor must be a writable folder."""
+#: Kernel file systems: nothing a command writes belongs there (and writing may half succeed as root).
+SPECIAL_ROOTS = (Path("/proc"), Path("/sys"), Path("/dev"))
+
+
+def check_writable(path: str | Path, option: str = "output", *, folder: bool = False) -> None:
+    """BadInput unless ``path`` can be created (a folder when ``folder``), checked before any work: not
+    under /proc, /sys or /dev, not an existing file where a folder is wanted (nor a folder where a file
+    is), and its nearest existing ancestor a folder where a file can really be created (probed)."""
     path = Path(path).expanduser().absolute()
+    real = Path(os.path.realpath(path))
+    special = next((root for root in SPECIAL_ROOTS if real == root or root in real.parents), None)
+    if special is not None:
+        raise BadInput(f"cannot write {option} {path}: {special} is a system folder, not a place for results (choose another path)")
+    if path.exists() and folder and not path.is_dir():
+        raise BadInput(f"cannot write {option} {path}: it is a file, not a folder (choose another path)")
+    if path.exists() and not folder and path.is_dir():
+        raise BadInput(f"cannot write {option} {path}: it is a folder; give a file name")
     ancestor = path if path.exists() else next(p for p in path.parents if p.exists())
     if ancestor != path and not ancestor.is_dir():
         raise BadInput(f"cannot write {option} {path}: {ancestor} is a file, not a folder (choose another path)")
-    folder = ancestor if ancestor.is_dir() else ancestor.parent
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise BadInput(f"cannot write {option} {path}: no permission to write in {folder} (choose another path)")
+    where = ancestor if ancestor.is_dir() else ancestor.parent
+    if not os.access(where, os.W_OK | os.X_OK):
+        raise BadInput(f"cannot write {option} {path}: no permission to write in {where} (choose another path)")
+    try:  # permissions say yes to root on read-only mounts; creating (and removing) a file says for sure
+        with tempfile.TemporaryFile(prefix=".ftwt-probe-", dir=where):
+            pass
+    except OSError as exc:
+        raise BadInput(f"cannot write {option} {path}: {exc.strerror or exc} in {where} (choose another path)") from None
 
 
 def atomic_write_bytes(path: str | Path, write) -> None:

@@ -29,6 +29,8 @@ from ftwt_cli.core.graph import GATES
 from ftwt_cli.core.heads import DEFAULT_HEAD, HEAD_POOLS, HEADS
 from ftwt_cli.core.targets import TARGETS
 from ftwt_cli.errors import BadInput
+from ftwt_cli.models import check_model_name
+from ftwt_cli.models.zoo import did_you_mean
 
 
 def _shipped_profiles() -> Path:
@@ -57,6 +59,7 @@ class Config:
     download: bool = False
     pretrained: bool = False
     checkpoint: str | None = None
+    normalization: list | None = None  # [mean, std] of the checkpoint followed on other --data (None: the data's own)
     image_size: int = 0  # input side in pixels (0: the model's own: registry models know it, other models take 32)
     samples: int = 0  # cap on training images of a planning pass: estimate, search (0: all)
     train_samples: int = 0  # cap on the training images 'ftwt train' uses, held-out ones included (0: all)
@@ -97,9 +100,14 @@ class Config:
     head_init: str = "random"
     head_warmup: int = 0  # epochs of head-only training on the frozen backbone before any mask is applied
     calibrate: bool = True  # with --target-flops: per-layer head thresholds hit the budget after training
+    # the fields the user gave (CLI options), so that a checkpoint's own setting fills only the others;
+    # not part of the configuration's record
+    explicit: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        doc = dataclasses.asdict(self)
+        del doc["explicit"]
+        return doc
 
     def override(self, **values: Any) -> "Config":
         """Return a copy with every non-None value replaced (CLI options default to None)."""
@@ -130,8 +138,8 @@ def profile_path(name: str) -> Path:
         return path
     path = PROFILE_DIR / f"{name}.toml"
     if not path.is_file():
-        names = ", ".join(p.stem for p in sorted(PROFILE_DIR.glob("*.toml")))
-        raise BadInput(f"unknown profile {name!r}; available: {names} (or the path of a .toml file)")
+        stems = [p.stem for p in sorted(PROFILE_DIR.glob("*.toml"))]
+        raise BadInput(f"unknown profile {name!r}{did_you_mean(name, stems)}; available: {', '.join(stems)} (or the path of a .toml file)")
     return path
 
 
@@ -148,7 +156,7 @@ def load_profile(name: str) -> Config:
             flat.update({f"{prefix}{k}": v for k, v in value.items()})
         else:
             flat[key] = value
-    fields = {f.name for f in dataclasses.fields(Config)} - {"profile"}
+    fields = {f.name for f in dataclasses.fields(Config)} - {"profile", "explicit", "normalization"}
     unknown = sorted(set(flat) - fields)
     if unknown:
         raise BadInput(f"profile {path} has unknown fields: {', '.join(unknown)} (known: {', '.join(sorted(fields))})")
@@ -181,7 +189,8 @@ def _check_type(path: Path, key: str, value: Any) -> None:
 def resolve(profile: str | None, **overrides: Any) -> Config:
     """The profile's configuration with CLI overrides applied and validated.
 
-    A ``model`` override that changes the profile's model also drops the profile's checkpoint (it holds
+    An ``epochs`` (or ``dense_epochs``) override without milestones scales the profile's milestones
+    with it (:func:`scale_milestones`). A ``model`` override that changes the profile's model also drops the profile's checkpoint (it holds
     weights of the profile's model) and its ``pretrained`` (torchvision weights are per model) unless
     they are given again.
     """
@@ -189,11 +198,29 @@ def resolve(profile: str | None, **overrides: Any) -> Config:
     if overrides.get("model") is not None and overrides["model"] != base.model:
         base = dataclasses.replace(base, checkpoint=None, pretrained=False)
     config = base.override(**overrides)
+    for prefix in ("", "dense_"):  # the profile's lr milestones follow a shorter or longer --epochs
+        epochs, milestones = overrides.get(f"{prefix}epochs"), f"{prefix}milestones"
+        if epochs is not None and overrides.get(milestones) is None and epochs != getattr(base, f"{prefix}epochs"):
+            scaled = scale_milestones(getattr(base, milestones), getattr(base, f"{prefix}epochs"), epochs)
+            config = dataclasses.replace(config, **{milestones: scaled})
+    config = dataclasses.replace(config, explicit=frozenset(k for k, v in overrides.items() if v is not None))
     validate(config)
     return config
 
 
+def scale_milestones(milestones: list[int], profile_epochs: int, epochs: int) -> list[int]:
+    """The profile's milestones as the same fractions of ``epochs``: rounded, strictly increasing, each
+    before the last epoch (those that would not be are dropped)."""
+    out: list[int] = []
+    for m in sorted(milestones):
+        at = max(round(m * epochs / max(profile_epochs, 1)), out[-1] + 1 if out else 1)
+        if at < epochs:
+            out.append(at)
+    return out
+
+
 def validate(c: Config) -> None:
+    check_model_name(c.model)  # first: a misspelt model is refused before anything warns about it
     if c.batch_size < 1:
         raise BadInput(f"--batch-size must be at least 1, got {c.batch_size}")
     if c.samples < 0 or c.train_samples < 0 or c.test_samples < 0:

@@ -114,9 +114,12 @@ def stats_for(spec: DataSpec, family: str) -> tuple[tuple[float, ...], tuple[flo
     return IMAGENET_STATS if family == "imagenet" else CIFAR10_STATS
 
 
-def build_transform(spec: DataSpec, family: str, augment: bool, normalize: bool = True, size: int = 224) -> v2.Compose:
+def build_transform(
+    spec: DataSpec, family: str, augment: bool, normalize: bool = True, size: int = 224, stats: tuple | None = None
+) -> v2.Compose:
     """Standard CIFAR (crop 4 + flip) or ImageNet (random-resized crop + flip; resize 256, crop 224), the
-    ImageNet family at ``size`` (resize to 256/224 of it, centre crop)."""
+    ImageNet family at ``size`` (resize to 256/224 of it, centre crop); normalised with ``stats`` (mean, std)
+    when given, else the data's own."""
     steps: list = [v2.ToImage()]
     if family == "imagenet":
         steps += [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()] if augment else [
@@ -127,7 +130,7 @@ def build_transform(spec: DataSpec, family: str, augment: bool, normalize: bool 
         steps += [v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip()]
     steps.append(v2.ToDtype(torch.float32, scale=True))
     if normalize:
-        mean, std = stats_for(spec, family)
+        mean, std = stats if stats is not None else stats_for(spec, family)
         steps.append(v2.Normalize(mean, std))
     return v2.Compose(steps)
 
@@ -168,10 +171,11 @@ def build_dataset(
     download: bool = False,
     seed: int = 0,
     size: int = 224,
+    stats: tuple | None = None,
 ) -> Dataset:
     """The ``train`` or ``test`` split of ``spec`` with the standard transforms of the model family (the
     ImageNet family at ``size`` pixels)."""
-    transform = build_transform(spec, family, augment, normalize, size)
+    transform = build_transform(spec, family, augment, normalize, size, stats)
     if spec.kind == "synthetic":
         return SyntheticImages(split, seed=seed, transform=transform)
     if spec.kind in ("cifar10", "cifar100"):

@@ -85,10 +85,19 @@ def dataset(
         download=cfg.download,
         seed=cfg.seed,
         size=input_size(cfg)[0],
+        stats=normalization(cfg),
     )
     if limit is None:
         limit = cfg.samples if split == "train" else cfg.test_samples
     return subset(ds, limit if cap else 0, seed=cfg.seed)
+
+
+def normalization(cfg: Config) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) the inputs are normalised with: the checkpoint's a run follows on other data, else the data's."""
+    if cfg.normalization:
+        mean, std = cfg.normalization
+        return tuple(mean), tuple(std)
+    return stats_for(data_spec(cfg), family(cfg))
 
 
 def holdout_indices(size: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -118,7 +127,7 @@ def num_classes(cfg: Config) -> int:
 
 def dense_meta(cfg: Config, classes: int) -> dict:
     """What every checkpoint carries to be rebuilt and used on its own (``ftwt info`` prints it)."""
-    mean, std = stats_for(data_spec(cfg), family(cfg))
+    mean, std = normalization(cfg)
     names = class_names_of(data_spec(cfg), cfg.data_root)
     return {
         "kind": "dense",

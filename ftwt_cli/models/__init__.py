@@ -15,7 +15,7 @@ from torch import nn
 
 from ftwt_cli.errors import BadInput
 from ftwt_cli.models import imagenet, mobilenet, resnet_cifar, small, vgg
-from ftwt_cli.models.zoo import create_zoo_model, is_zoo_model
+from ftwt_cli.models.zoo import create_zoo_model, did_you_mean, is_zoo_model
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,15 @@ def is_user_model(spec: str) -> bool:
     return ":" in spec
 
 
+def check_model_name(spec: str) -> None:
+    """A one-line BadInput, with the nearest names, for a registry name that is not one."""
+    if not is_user_model(spec) and spec not in REGISTRY:
+        raise BadInput(
+            f"unknown model {spec!r}{did_you_mean(spec, list(REGISTRY))}; known: {', '.join(REGISTRY)} (or torchvision:NAME, "
+            "timm:NAME, package.module:callable, path/to/file.py:callable)"
+        )
+
+
 def create_model(spec: str, num_classes: int) -> nn.Module:
     """Build a registry model by name, a zoo model (``torchvision:NAME``, ``timm:NAME``), or call
     ``package.module:callable`` / ``file.py:callable``.
@@ -57,13 +66,8 @@ def create_model(spec: str, num_classes: int) -> nn.Module:
     Weights are initialised; pretrained and trained weights are loaded by ftwt_cli.io.loading.load_model.
     """
     if not is_user_model(spec):
-        entry = REGISTRY.get(spec)
-        if entry is None:
-            raise BadInput(
-                f"unknown model {spec!r}; known: {', '.join(REGISTRY)} (or torchvision:NAME, timm:NAME, "
-                "package.module:callable, path/to/file.py:callable)"
-            )
-        return entry.build(num_classes=num_classes)
+        check_model_name(spec)
+        return REGISTRY[spec].build(num_classes=num_classes)
     if is_zoo_model(spec):
         return create_zoo_model(spec, num_classes)
     factory = _load_callable(spec)

@@ -49,12 +49,12 @@ def create_zoo_model(spec: str, num_classes: int) -> nn.Module:
     if zoo == "torchvision":
         names = torchvision_names()
         if name not in names:
-            raise BadInput(f"torchvision has no classification model {name!r}{_suggest(name, names)}")
+            raise BadInput(f"torchvision has no classification model {name!r}{did_you_mean(name, names)}")
         build = lambda: torchvision.models.get_model(name, weights=None, num_classes=num_classes, **_TORCHVISION_OPTIONS.get(name, {}))  # noqa: E731
     else:
         library = timm()
         if not library.is_model(name):
-            raise BadInput(f"timm has no model {name!r}{_suggest(name, library.list_models())}")
+            raise BadInput(f"timm has no model {name!r}{did_you_mean(name, library.list_models())}")
         build = lambda: library.create_model(name, pretrained=False, num_classes=num_classes)  # noqa: E731
     try:
         return build()
@@ -62,6 +62,7 @@ def create_zoo_model(spec: str, num_classes: int) -> nn.Module:
         raise BadInput(f"{spec} cannot be built with {num_classes} classes: {type(exc).__name__}: {exc}") from None
 
 
-def _suggest(name: str, names: list[str]) -> str:
+def did_you_mean(name: str, names: list[str]) -> str:
+    """`` (did you mean a, b?)`` with the names nearest a misspelt one, or nothing."""
     close = difflib.get_close_matches(name, names, n=3)
     return f" (did you mean {', '.join(close)}?)" if close else ""

@@ -13,7 +13,7 @@ from ftwt_cli.algorithms.evaluation import validate
 from ftwt_cli.console import progress_bar
 from ftwt_cli.errors import BadInput
 from ftwt_cli.io import checkpoint as ckpt
-from ftwt_cli.io import loading
+from ftwt_cli.io import loading, setting
 from ftwt_cli.io.config import Config, check_target_flops, resolve_device
 from ftwt_cli.io.data import make_loader
 
@@ -45,6 +45,8 @@ def calibrate_checkpoint(
     destination = Path(out) if out else default_output(checkpoint)
     if destination.is_dir():
         raise BadInput(f"--out {destination} is a folder; give a file name")
+    ckpt.check_writable(destination, "--out")
+    cfg = setting.follow(cfg, checkpoint)
     loaded = loading.load_model(cfg, checkpoint, require="ftwt")
     meta = loaded.meta
     device = resolve_device(cfg.device)

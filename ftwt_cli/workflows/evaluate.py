@@ -20,9 +20,9 @@ from ftwt_cli.core.heads import HeadSpec
 from ftwt_cli.core.masks import LayerStats, MaskStats
 from ftwt_cli.engine.latency import latency_report
 from ftwt_cli.errors import BadInput
-from ftwt_cli.io import loading
+from ftwt_cli.io import loading, setting
 from ftwt_cli.io.config import Config, resolve_device
-from ftwt_cli.io.data import make_loader, stats_for
+from ftwt_cli.io.data import make_loader
 
 
 @dataclass
@@ -200,11 +200,21 @@ def evaluate(
     return reports
 
 
+def evaluation_config(cfg: Config, compare: Sequence[str] = ()) -> Config:
+    """``cfg`` with the setting (data, input size) ``cfg.checkpoint`` was trained on where the user gave
+    none; compared checkpoints must come from the same data set."""
+    if cfg.checkpoint is None:
+        raise BadInput(f"--checkpoint is required: {loading.how_to_get_weights(cfg)}")
+    setting.same_data(cfg, list(compare))  # first: a refusal is the only line
+    return setting.follow(cfg, cfg.checkpoint)
+
+
 def evaluate_checkpoints(
     cfg: Config, compare: Sequence[str] = (), perturbations: Sequence[Perturbation] = (), latency: LatencyOptions | None = None
 ) -> list[ModelReport]:
     """``cfg.checkpoint`` and every ``compare`` checkpoint on the test split (same-seed inputs), clean and
-    under ``perturbations``; with ``latency``, each model's batch-1 latency against the sparse engine."""
+    under ``perturbations``; with ``latency``, each model's batch-1 latency against the sparse engine.
+    ``cfg`` is the :func:`evaluation_config` (the checkpoint's setting)."""
     if cfg.checkpoint is None:
         raise BadInput(f"--checkpoint is required: {loading.how_to_get_weights(cfg)}")
     device = resolve_device(cfg.device)
@@ -212,7 +222,7 @@ def evaluate_checkpoints(
     labels = unique_labels([describe(m.meta) for m in loaded], [m.path for m in loaded])
     models = [EvaluatedModel.of(m, label, device) for m, label in zip(loaded, labels)]
     loader = make_loader(loading.dataset(cfg, "test", normalize=False), cfg.batch_size, workers=cfg.workers)
-    normalize = Normalizer(*stats_for(loading.data_spec(cfg), loading.family(cfg)))
+    normalize = Normalizer(*loading.normalization(cfg))
     reports = evaluate(models, loader, normalize, device, perturbations, seed=cfg.seed)
     if latency is not None:
         images = first_images(loader, latency.samples, normalize)

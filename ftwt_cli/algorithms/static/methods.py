@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
+from ftwt_cli.algorithms.outputs import training_outputs
 from ftwt_cli.algorithms.static.groups import (
     _conv_groups,
     _dependency_graph,
@@ -171,7 +171,7 @@ def taylor(dense: nn.Module, target_pct: float, input_size: tuple[int, int], bat
         graph = _dependency_graph(model, example)
         model.zero_grad(set_to_none=True)
         for images, labels in batches:
-            F.cross_entropy(model(images), labels).backward()
+            training_outputs(model(images)).loss(labels).backward()
         candidates: list[tuple[float, int, str, int]] = []  # (score, rank within its group, root, filter)
         for group in _conv_groups(graph, _ignored(model, whole)):
             root = group[0].dep.target.module

@@ -9,19 +9,21 @@ policy), :mod:`.records` (summary and tables) and :mod:`.run` (the epochs).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 
+from ftwt_cli.console import console
 from ftwt_cli.io import checkpoint as ckpt
-from ftwt_cli.io import loading
+from ftwt_cli.io import loading, setting
 from ftwt_cli.io.config import Config
 from ftwt_cli.workflows.train import kinds
 from ftwt_cli.workflows.train.objectives import NonFiniteLoss
 from ftwt_cli.workflows.train.processes import Distributed, seed_epoch, start_processes, stop_processes
 from ftwt_cli.workflows.train.records import Summary
 from ftwt_cli.workflows.train.run import Run
-from ftwt_cli.workflows.train.spec import CONFIG_FILE, LAST_FILE, RunSpec, parse_milestones, prepare_dir, read_spec
+from ftwt_cli.workflows.train.spec import CONFIG_FILE, LAST_FILE, RunSpec, parse_milestones, prepare_dir, read_spec, started
 
 __all__ = ["NonFiniteLoss", "Run", "RunSpec", "Summary", "build_run", "new_spec", "parse_milestones", "read_spec", "resume", "start", "train"]
 
@@ -53,9 +55,10 @@ def new_spec(
 def start(cfg: Config, out: str | None = None, *, dense: bool = False, init: str | None = None, **choices) -> Summary:
     """A new run from the CLI's choices (see :func:`new_spec`), into ``out`` or the default directory.
     ``init`` defaults to the profile's dense weights (its checkpoint, or torchvision's when pretrained)."""
+    ckpt.check_writable(out or "runs", "--out", folder=True)  # before any work
     start_from = None if dense else loading.initial_weights(cfg, init)
+    cfg = setting.follow(cfg, start_from, "--init")  # the dense weights' data and input size, unless given
     spec = new_spec(cfg, dense=dense, init=start_from, **choices)
-    ckpt.check_writable(out or "runs", "--out")
     return train(spec, out=out)
 
 
@@ -64,7 +67,13 @@ def resume(run_dir: str, epochs: int | None = None, **overrides) -> Summary:
     download, sync_bn), optionally up to ``epochs``."""
     spec = read_spec(Path(run_dir))
     spec.config = spec.config.override(**overrides)
-    ckpt.check_writable(run_dir, "--resume")
+    ckpt.check_writable(run_dir, "--resume", folder=True)
+    if not started(Path(run_dir)) and os.environ.get("RANK", "0") == "0":
+        console.print(
+            f"{run_dir} stopped before its first checkpoint (config.json, no {LAST_FILE}): starting it from epoch 0 "
+            "with its recorded configuration",
+            highlight=False, soft_wrap=True,
+        )  # fmt: skip
     if epochs is not None:
         spec.with_epochs(epochs)
     return train(spec, resume=run_dir)
@@ -102,7 +111,8 @@ def train(spec: RunSpec, out: str | None = None, resume: str | None = None) -> S
     run_dir = Path(resume) if resume else (prepare_dir(spec, out) if out else None)
     dist, device = start_processes(spec.config.device)
     try:
-        run = build_run(spec, run_dir, dist, device, resume=resume is not None)
+        # a run stopped before its first checkpoint restarts from epoch 0 in its own folder
+        run = build_run(spec, run_dir, dist, device, resume=resume is not None and started(run_dir))
         if dist.is_main:  # only now: every input is checked and nothing is half written on bad input
             # The default name carries r, which a --target-flops search has chosen by now.
             run.run_dir = run.run_dir or prepare_dir(spec, None)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ftwt_cli.algorithms.outputs import TrainingOutputs, training_outputs
 from ftwt_cli.core.gating import FTWTModel, head_loss, truth_masks
 from ftwt_cli.core.masks import MaskStats
 from ftwt_cli.core.targets import Target
@@ -39,7 +40,7 @@ class Distillation:
 
     def __call__(self, cross_entropy: torch.Tensor, logits: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            soft = (self.teacher(images) / self.temperature).log_softmax(dim=1)
+            soft = (training_outputs(self.teacher(images)).logits / self.temperature).log_softmax(dim=1)
         kl = F.kl_div((logits / self.temperature).log_softmax(dim=1), soft, reduction="batchmean", log_target=True)
         return (1.0 - self.weight) * cross_entropy + self.weight * self.temperature**2 * kl
 
@@ -54,13 +55,18 @@ class Loss:
     distillation: Distillation | None = None
 
     def __call__(
-        self, model: nn.Module, logits: torch.Tensor, labels: torch.Tensor, images: torch.Tensor | None = None
+        self, model: nn.Module, outputs: torch.Tensor | TrainingOutputs, labels: torch.Tensor, images: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor] | None]:
         """(task loss, head loss, ground-truth masks per block or None for a dense model); ``images`` are
-        what the teacher sees (the same batch)."""
+        what the teacher sees (the same batch). Auxiliary classifiers (GoogLeNet, Inception) add their
+        weighted cross-entropy to the task loss (:mod:`ftwt_cli.algorithms.outputs`)."""
+        if isinstance(outputs, torch.Tensor):
+            outputs = TrainingOutputs(outputs)
+        logits = outputs.logits
         task = F.cross_entropy(logits, labels)
         if self.distillation is not None:
             task = self.distillation(task, logits, images)
+        task = outputs.loss(labels, task)
         if self.target is None:
             return task, torch.zeros((), device=logits.device), None
         records = model.records()
@@ -153,8 +159,9 @@ def train_step(
     any rank raises NonFiniteLoss on every rank before any weight changes. ``stats`` (FTWT models)
     accumulates the step's masks against the ground truth (the training split's per-layer figures).
     """
-    logits = net(images)
-    task, heads, truth = loss(model, logits, labels, images)
+    outputs = training_outputs(net(images))
+    logits = outputs.logits
+    task, heads, truth = loss(model, outputs, labels, images)
     total = task + loss.head_weight * heads
     if stats is not None and truth is not None:
         records = model.records()

@@ -19,13 +19,15 @@ class Summary:
     r: float | None
     epochs: int
     best_top1: float
-    test_top1: float
+    test_top1: float  # the last epoch's
     flops_reduction_pct: float | None
     flops_reduction_with_heads_pct: float | None
     estimate: dict | None = None
     selected_on: str = "test"  # the split whose top-1 chose best.pt
     calibration: dict | None = None  # --target-flops: what calibration chose and measured (raw vs calibrated)
     history: list[dict] = field(default_factory=list)
+    best_epoch: int | None = None  # the epoch best.pt holds
+    best_test_top1: float | None = None  # best.pt's test top-1 (calibrated, when it was)
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "history"}

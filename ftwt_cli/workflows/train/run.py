@@ -211,7 +211,18 @@ class Run:
             selected_on="val" if self.val_loader is not None else "test",
             calibration=self.calibration,
             history=list(self.history),
+            best_epoch=self.best_epoch,
+            best_test_top1=self._best_test_top1(),
         )
+
+    def _best_test_top1(self) -> float | None:
+        """best.pt's test top-1: calibrated when calibration delivered it, else its epoch's."""
+        if self.calibration is not None:
+            return self.calibration["test_top1_calibrated"]
+        if self.best_epoch is None or not self.history:
+            return None
+        row = next((r for r in self.history if r.get("epoch") == self.best_epoch), None)
+        return row["test_top1"] if row else None
 
     def _validate(self, epoch: int) -> dict:
         """The epoch's held-out (val) and test figures; per-layer statistics go to layers.csv."""

@@ -161,14 +161,20 @@ def parse_milestones(text: str) -> list[int]:
 
 
 def read_spec(run_dir: Path) -> RunSpec:
-    """The spec of an existing run directory (for --resume)."""
+    """The spec of an existing run directory (for --resume); one stopped before its first checkpoint holds
+    config.json alone and is restarted from epoch 0 (see :func:`started`)."""
     path = run_dir / CONFIG_FILE
-    if not (run_dir / LAST_FILE).is_file() or not path.is_file():
+    if not path.is_file():
         raise BadInput(f"{run_dir} is not an ftwt run directory (no {CONFIG_FILE} and {LAST_FILE})")
     try:
         return RunSpec.from_dict(json.loads(path.read_text()))
     except (ValueError, KeyError, TypeError) as exc:
         raise BadInput(f"{path} is not a valid run configuration: {exc}") from None
+
+
+def started(run_dir: Path) -> bool:
+    """Whether the run in ``run_dir`` saved a checkpoint to continue from (else it restarts at epoch 0)."""
+    return (run_dir / LAST_FILE).is_file()
 
 
 def prepare_dir(spec: RunSpec, out: str | None) -> Path:
