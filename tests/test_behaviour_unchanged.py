@@ -199,4 +199,5 @@ def test_smoke_documents_are_unchanged(documents):
         pytest.skip(f"recorded {GOLDEN}")
     golden = json.loads(GOLDEN.read_text())
     diffs = compare(golden, documents, strict=STRICT)
-    assert not diffs, "\n".join(diffs[:40])
+    mode = "strict: 1e-6" if STRICT else "tolerances: TOLERANCES"
+    assert not diffs, f"{len(diffs)} differences ({mode})\n" + "\n".join(diffs[:40])
