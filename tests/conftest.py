@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -12,9 +13,11 @@ from typer.testing import CliRunner
 
 @pytest.fixture(autouse=True, scope="session")
 def one_torch_thread():
-    """Tiny models run several times faster with one intra-op thread on a small, shared machine."""
+    """Tiny models run several times faster with one intra-op thread on a small, shared machine.
+    ``FTWT_TEST_THREADS=N`` runs the session with N threads instead: another thread count sums in another
+    order, so a test whose trained figure moves with it is bound to one machine's arithmetic."""
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(os.environ.get("FTWT_TEST_THREADS", "1")))
     yield
     torch.set_num_threads(before)
 
