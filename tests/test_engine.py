@@ -205,3 +205,15 @@ def test_a_head_variant_without_a_closed_form_routes_through_its_own_logits():
         block.head = head.eval()
     engine, masks = check_exact(model, noise_images(32), PACKS[0])
     assert not any(step.router.affine for step in engine.blocks)
+
+
+def test_the_kernel_follows_the_size_of_the_convs():
+    """Pre-packed oneDNN where convs are large (224-pixel ResNets), F.conv2d where per-call cost dominates."""
+    from ftwt_cli.engine.kernels import PACKED_MIN_MACS, packing_pays
+
+    small, large = nn.Conv2d(16, 16, 3), nn.Conv2d(256, 256, 3)
+    assert not packing_pays([(small, (32, 32))])
+    assert packing_pays([(large, (28, 28))]) == packing_available()
+    assert 256 * 256 * 9 * 28 * 28 >= PACKED_MIN_MACS > 16 * 16 * 9 * 32 * 32
+    engine = build_engine(toy("resnet", 32))  # tiny convs: the default format, F.conv2d
+    assert not engine.channels_last and not any(s.packed for step in engine.steps.values() for row in step.sub for s in row)

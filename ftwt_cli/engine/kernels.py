@@ -5,7 +5,7 @@ blocked layout with the block's activation fused (``torch.ops.mkldnn._convolutio
 Eager ``F.conv2d`` reorders the weights on every call and, below a size, falls back to im2col; a
 pre-packed conv does neither, which is most of the difference between eager dense and the routing
 engine at batch 1. Where the private oneDNN ops are missing (a build without mkldnn) or ``pack=False``,
-the same slices run through ``F.conv2d`` in the channels-last format, with the activation after it.
+the same slices run through ``F.conv2d`` in the default memory format, with the activation after it.
 
 A depthwise conv computes the output channels whose input channel is present; the others see only
 zero padding, so their map is the (activated) bias, filled in without a conv.
@@ -32,6 +32,18 @@ def packing_available() -> bool:
         )
     except (AttributeError, RuntimeError):  # an op namespace without the op
         return False
+
+
+#: oneDNN's pre-packed convs pay off when a model's convs average at least this many MACs per image;
+#: below it (ResNet56 at 32×32, MobileNetV2's depthwise convs) the per-call cost dominates and eager
+#: ``F.conv2d`` in the default format ran faster here (docs/experiments/2026-12-04-routing-engine.md).
+PACKED_MIN_MACS = 10e6
+
+
+def packing_pays(convs) -> bool:
+    """Whether pre-packing is the faster kernel for ``convs`` (``nn.Conv2d`` with their output sizes)."""
+    macs = [conv.weight.numel() * h * w for conv, (h, w) in convs]
+    return packing_available() and bool(macs) and sum(macs) / len(macs) >= PACKED_MIN_MACS
 
 
 @dataclass(frozen=True)
@@ -100,7 +112,8 @@ class SubConv:
                 self.select = out_idx
         self.bias = bias.contiguous()
         self.nbytes = weight.numel() * weight.element_size() + self.bias.numel() * self.bias.element_size()
-        self.packed = pack and packing_available() and self.groups > 0
+        self.channels_last = pack and packing_available()  # the engine's activation format
+        self.packed = self.channels_last and self.groups > 0
         if self.packed:
             in_channels = weight.shape[1] * self.groups
             self.weight = _MKLDNN._reorder_convolution_weight(
@@ -109,8 +122,8 @@ class SubConv:
             )  # fmt: skip
             self.attr = activation.attr if activation else "none"
             self.scalars = list(activation.scalars) if activation else []
-        else:
-            self.weight = weight.contiguous(memory_format=torch.channels_last)
+        else:  # F.conv2d in the default format: what eager PyTorch runs fastest on small convs
+            self.weight = weight.contiguous()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """The sub-conv of ``x`` [n, |in_idx|, H, W] → [n, |out_idx|, H', W']."""
@@ -132,7 +145,8 @@ class SubConv:
         if self.constant is None:
             return y
         h, w = _out_hw(s, x.shape[2:])
-        out = self.constant.expand(x.shape[0], self.out_channels, h, w).contiguous(memory_format=torch.channels_last)
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        out = self.constant.expand(x.shape[0], self.out_channels, h, w).contiguous(memory_format=fmt)
         return out if y is None else out.index_copy_(1, self.out_pos, y)
 
 

@@ -23,7 +23,6 @@ from torch.profiler import ProfilerActivity, profile
 from ftwt_cli.console import progress_bar
 from ftwt_cli.core.flops import FlopsCounter
 from ftwt_cli.core.gating import FTWTModel
-from ftwt_cli.engine.kernels import packing_available
 from ftwt_cli.engine.program import RoutingEngine, build_engine
 from ftwt_cli.engine.reference import dense_fallback, folded_dense
 from ftwt_cli.engine.throughput import batched_throughput
@@ -58,7 +57,7 @@ def dense_reference(
     return candidates[channels_last], {"dense_channels_last": channels_last, "dense_default_ms": best[False], "dense_channels_last_ms": best[True]}
 
 
-def prepacked(model: nn.Module, input_size: tuple[int, int], pack: bool = True) -> RoutingEngine:
+def prepacked(model: nn.Module, input_size: tuple[int, int], pack: bool | None = True) -> RoutingEngine:
     """The plain backbone of ``model`` (an FTWT model's heads dropped), BN folded, each conv pre-packed."""
     return build_engine(folded_dense(model, input_size), input_size, pack=pack)
 
@@ -71,7 +70,7 @@ def engine_summary(engine: RoutingEngine) -> dict:
         "codebook_k": max(ks) if ks else None,
         "subconvs": engine.subconv_count(),
         "subnet_memory_mb": engine.subnet_memory_mb(),
-        "prepacked": engine.pack and packing_available(),
+        "prepacked": engine.channels_last,  # oneDNN's packed kernels (else F.conv2d)
     }
 
 
@@ -83,7 +82,7 @@ def latency_report(
     others: dict[str, nn.Module] | None = None,
     batch_sizes=(),
     profile_images: int = 0,
-    pack: bool = True,
+    pack: bool | None = None,
 ) -> dict:
     """Median batch-1 latency of dense eager, dense pre-packed and the engine over ``images`` [N, 3, H, W],
     with FLOPs measured on them. ``model``: an eval-mode FTWTModel (or a dense backbone: the identity
@@ -102,7 +101,7 @@ def latency_report(
     try:
         engine = build_engine(model, size, pack=pack)
         dense, dense_info = dense_reference(model, size, images[:8], rounds=2 if warmup else 1)
-        timed = {"dense": dense, "dense_prepacked": prepacked(model, size, pack), "engine": engine, **(others or {})}
+        timed = {"dense": dense, "dense_prepacked": prepacked(model, size), "engine": engine, **(others or {})}
         ms: dict[str, list[float]] = {name: [] for name in timed}
         masks: list[list[torch.Tensor]] = [[] for _ in engine.blocks]
         outputs = []

@@ -17,7 +17,7 @@ from ftwt_cli.core.gating import FTWTModel
 from ftwt_cli.core.targets import top_count_mask
 from ftwt_cli.engine import values as V
 from ftwt_cli.engine.geometry import fold
-from ftwt_cli.engine.kernels import Shape, SubConv
+from ftwt_cli.engine.kernels import Shape, SubConv, packing_available, packing_pays
 from ftwt_cli.engine.liveness import writable_operands
 from ftwt_cli.engine.plan import ConvPlan, Plan, make_plan
 from ftwt_cli.engine.reference import folded_dense
@@ -106,7 +106,9 @@ class ConvStep:
             return self.sub[x.groups[0].k][0](x.groups[0].values)
         parts = [(g.images, self.sub[g.k][0](g.values)) for g in x.groups]
         first = parts[0][1]
-        out = first.new_empty((x.batch, *first.shape[1:])).contiguous(memory_format=torch.channels_last)
+        out = first.new_empty((x.batch, *first.shape[1:]))
+        if first.is_contiguous(memory_format=torch.channels_last) and not first.is_contiguous():
+            out = out.contiguous(memory_format=torch.channels_last)
         for images, y in parts:
             out.index_copy_(0, images, y)
         return out
@@ -128,6 +130,8 @@ class RoutingEngine(nn.Module):
         super().__init__()
         self.plan = plan
         self.pack = pack
+        # oneDNN's packed convs run on channels-last activations; F.conv2d's fastest small convs on the default
+        self.channels_last = pack and packing_available()
         self.steps: dict[torch.fx.Node, ConvStep] = {node: ConvStep(p, pack) for node, p in plan.convs.items()}
         self.blocks = sorted((s for s in self.steps.values() if s.plan.block_index is not None), key=lambda s: s.plan.block_index)
         modules = dict(plan.graph_module.named_modules())
@@ -197,17 +201,20 @@ class RoutingEngine(nn.Module):
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s: list = [None] * self.num_slots + [x.contiguous(memory_format=torch.channels_last)]
+        x = x.contiguous(memory_format=torch.channels_last) if self.channels_last else x.contiguous()
+        s: list = [None] * self.num_slots + [x]
         pooled: dict = {}
         for out, step in self.program:
             s[out] = step(s, pooled)
         return s[self.program[-1][0]]
 
 
-def build_engine(model: nn.Module, input_size: tuple[int, int] | None = None, pack: bool = True) -> RoutingEngine:
+def build_engine(model: nn.Module, input_size: tuple[int, int] | None = None, pack: bool | None = None) -> RoutingEngine:
     """The routing engine of an eval-mode :class:`FTWTModel` (its codebooks routed, or free masks run
-    exactly on dense convs) or of a dense backbone (BN folded: the pre-packed dense reference). ``pack``
-    False runs the same sub-convs through ``F.conv2d`` (what a build without oneDNN does)."""
+    exactly on dense convs) or of a dense backbone (BN folded: the pre-packed dense reference). ``pack``:
+    oneDNN's pre-packed convs on channels-last activations (True), the same sub-convs through
+    ``F.conv2d`` in the default format (False, and what a build without oneDNN does), or None: packed
+    where the model's convs are large enough for it to pay (:func:`~ftwt_cli.engine.kernels.packing_pays`)."""
     if isinstance(model, FTWTModel):
         input_size = model.graph.input_size
         model.eval()
@@ -216,4 +223,10 @@ def build_engine(model: nn.Module, input_size: tuple[int, int] | None = None, pa
         if input_size is None:
             raise ValueError("a dense backbone needs input_size=(H, W)")
         plan = make_plan(folded_dense(model, tuple(input_size)), tuple(input_size))
+    if pack is None:
+        pack = packing_pays([(p.conv, _out_hw(node)) for node, p in plan.convs.items()])
     return RoutingEngine(plan, pack).eval()
+
+
+def _out_hw(node) -> tuple[int, int]:
+    return tuple(node.meta["tensor_meta"].shape[2:])
