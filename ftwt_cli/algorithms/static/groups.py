@@ -11,16 +11,25 @@ are found by a trial prune of one filter per group, not by model name.
 from __future__ import annotations
 
 import copy
+import importlib
 import warnings
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import torch
-import torch_pruning as tp
 from torch import nn
+
+if TYPE_CHECKING:
+    import torch_pruning as tp
 
 from ftwt_cli.core.graph import analyze
 from ftwt_cli.errors import BadInput
 
+
+
+def torch_pruning():
+    """torch-pruning, imported on first use: it brings timm and huggingface_hub with it (about a second
+    at start-up), which commands that never prune should not pay."""
+    return importlib.import_module("torch_pruning")
 
 def example_input(model: nn.Module, input_size: tuple[int, int]) -> torch.Tensor:
     param = next(model.parameters())
@@ -40,7 +49,7 @@ def plain_history(history: Iterable) -> list:
 def _dependency_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
     with warnings.catch_warnings(), torch.enable_grad():  # torch-pruning traces autograd: also under no_grad
         warnings.simplefilter("ignore")
-        return tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+        return torch_pruning().DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
 
 
 def _out_pruned_convs(graph: tp.DependencyGraph, group) -> list[nn.Conv2d]:
@@ -117,7 +126,7 @@ def prune_groups(model: nn.Module, keep: dict[str, int], example: torch.Tensor) 
     """Keep ``keep[root]`` filters (highest L1 norm over the whole coupled group) of every listed group,
     in place; returns torch-pruning's history."""
     graph = _dependency_graph(model, example)
-    importance = tp.importance.MagnitudeImportance(p=1)
+    importance = torch_pruning().importance.MagnitudeImportance(p=1)
     for root_name, kept in keep.items():
         root = model.get_submodule(root_name)
         if kept >= root.out_channels:

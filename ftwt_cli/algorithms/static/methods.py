@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch_pruning as tp
 from torch import nn
 
 from ftwt_cli.algorithms.outputs import training_outputs
 from ftwt_cli.algorithms.static.groups import (
+    torch_pruning,
     _conv_groups,
     _dependency_graph,
     _groups,
@@ -162,7 +162,7 @@ def taylor(dense: nn.Module, target_pct: float, input_size: tuple[int, int], bat
         for name, m in model.named_modules()
         if isinstance(m, nn.Conv2d)
     }
-    importance = tp.importance.TaylorImportance()
+    importance = torch_pruning().importance.TaylorImportance()
     history: list = []
     reduction, steps, stalled = 0.0, 0, False
     while reduction < target_pct - TOLERANCE and steps < TAYLOR_MAX_STEPS:
