@@ -81,7 +81,18 @@ def toy_depthwise() -> nn.Module:
     )
 
 
-TOYS = {"resnet": toy_resnet, "vgg": toy_vgg, "depthwise": toy_depthwise}
+def toy_grouped() -> nn.Module:
+    """A grouped (not depthwise) conv between routed blocks, as in ResNeXt and RegNet."""
+
+    def block(i, o, groups=1):
+        return [nn.Conv2d(i, o, 3, padding=1, groups=groups, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True)]
+
+    return nn.Sequential(
+        *block(3, 16), nn.MaxPool2d(2), *block(16, 32, groups=4), *block(32, 16), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)
+    )
+
+
+TOYS = {"resnet": toy_resnet, "vgg": toy_vgg, "depthwise": toy_depthwise, "grouped": toy_grouped}
 
 
 def toy(name: str, size: int, k: int | None = 3) -> FTWTModel:

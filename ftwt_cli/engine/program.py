@@ -45,6 +45,8 @@ class ConvStep:
         return sum(s.nbytes for row in self.sub for s in row)
 
     def __call__(self, x, pooled_cache: dict, slot: int):
+        if isinstance(x, V.Routed) and self.plan.producer is None:  # planned on the dense input (a grouped conv)
+            x, slot = V.dense(x), -1 - slot  # a pooled cache entry of its own
         if self.router is not None:
             return self._routed(x, pooled_cache, slot)
         if isinstance(x, V.Routed):  # a plain conv reading a routed block: one sub-conv per input set
@@ -71,33 +73,23 @@ class ConvStep:
 
     def _routed(self, x, pooled_cache: dict, slot: int) -> V.Routed:
         pooled = self._pooled(x, pooled_cache, slot)
-        if not isinstance(x, V.Routed) and x.shape[0] == 1:  # batch 1 from the dense stream: the common case
-            k = self.router.choose_one(pooled[0], 0)
-            out = [V.Group(None, k, self.sub[0][k](x))]
-            self.last = (1, out)
-            return V.Routed(out, self.channels, self.plan.conv.out_channels, 1)
-        if isinstance(x, V.Routed) and x.batch == 1:
-            g = x.groups[0]
-            k = self.router.choose_one(pooled[0], g.k)
-            out = [V.Group(None, k, self.sub[g.k][k](g.values))]
-            self.last = (1, out)
-            return V.Routed(out, self.channels, self.plan.conv.out_channels, 1)
         batch = x.batch if isinstance(x, V.Routed) else x.shape[0]
         groups_in = x.groups if isinstance(x, V.Routed) else [V.Group(None, 0, x)]
         out: list[V.Group] = []
-        for g, p in zip(groups_in, pooled):
-            choice = self.router.choose(p, g.k)
-            if choice.numel() == 1:
-                k = int(choice)
-                out.append(V.Group(g.images, k, self.sub[g.k][k](g.values)))
-                continue
-            for k in torch.unique(choice).tolist():  # images grouped by the prototype they chose
-                local = torch.nonzero(choice == k).flatten()
-                if local.numel() == choice.numel():
-                    out.append(V.Group(g.images, k, self.sub[g.k][k](g.values)))
-                else:
-                    images = local if g.images is None else g.images[local]
-                    out.append(V.Group(images, k, self.sub[g.k][k](g.values.index_select(0, local))))
+        if batch == 1:  # one image, one group: the choice is made in numpy (see Router.choose_one)
+            g = groups_in[0]
+            k = self.router.choose_one(pooled[0], g.k)
+            out.append(V.Group(None, k, self.sub[g.k][k](g.values)))
+        else:
+            for g, p in zip(groups_in, pooled):
+                choice = self.router.choose(p, g.k)
+                for k in torch.unique(choice).tolist():  # images grouped by the prototype they chose
+                    local = torch.nonzero(choice == k).flatten()
+                    if local.numel() == choice.numel():
+                        out.append(V.Group(g.images, k, self.sub[g.k][k](g.values)))
+                    else:
+                        images = local if g.images is None else g.images[local]
+                        out.append(V.Group(images, k, self.sub[g.k][k](g.values.index_select(0, local))))
         self.last = (batch, out)
         return V.Routed(out, self.channels, self.plan.conv.out_channels, batch)
 

@@ -27,7 +27,7 @@ from ftwt_cli.console import progress_bar
 from ftwt_cli.core.flops import FlopsCounter
 from ftwt_cli.core.gating import FTWTModel
 from ftwt_cli.core.graph import analyze
-from ftwt_cli.engine.scripted import routing_program
+from ftwt_cli.engine.scripted import NotRoutable, routing_program
 from ftwt_cli.core.heads import HeadSpec
 from ftwt_cli.errors import BadInput
 from ftwt_cli.io import artifact, loading
@@ -84,10 +84,14 @@ def export_checkpoint(
         model, meta, record["static_core"] = static_core_of(cfg, loaded, min_keep_rate, images, show=show)
         model = prepared(model)
     # A model that routes is exported as its routing program where the format can hold one (TorchScript).
-    routed = fmt == "torchscript" and isinstance(model, FTWTModel) and all(b.codebook is not None for b in model.blocks)
+    program = None
     what = computes(model, meta, loading.input_size(cfg))
-    if routed:
-        what.update(routed_computes(model, images))
+    if fmt == "torchscript" and isinstance(model, FTWTModel) and all(b.codebook is not None for b in model.blocks):
+        try:
+            program = routing_program(model)
+            what.update(routed_computes(model, images))
+        except NotRoutable as exc:  # e.g. a grouped conv: exported masked, and the report says why
+            what["computes_note"] = f"{what['computes_note']} (no routing program: {exc})"
     record.update(what)
     description = {**describe(meta, model.state_dict(), fmt), **what}
     with torch.no_grad():
@@ -99,7 +103,7 @@ def export_checkpoint(
     if fmt == "checkpoint":
         blob, check = _checkpoint_bytes(cfg, model, meta, images, expected)
     else:
-        program = artifact.trace(routing_program(model) if routed else model, fmt, images[:2])
+        program = artifact.trace(program if program is not None else model, fmt, images[:2])
         run, runtime = artifact.runner(artifact.to_bytes(program, fmt, description), fmt)
         check = compare(run, images, expected, runtime)
         blob = artifact.to_bytes(program, fmt, {**description, "check": check})
