@@ -228,3 +228,22 @@ def test_the_kernel_follows_the_size_of_the_convs():
     assert 256 * 256 * 9 * 28 * 28 >= PACKED_MIN_MACS > 16 * 16 * 9 * 32 * 32
     engine = build_engine(toy("resnet", 32))  # tiny convs: the default format, F.conv2d
     assert not engine.channels_last and not any(s.packed for step in engine.steps.values() for row in step.sub for s in row)
+
+
+class _Scaled(nn.Module):
+    """A block whose forward reads a parameter of a submodule (an fx get_attr node with a dotted path)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Module()
+        self.inner.scale = nn.Parameter(torch.full((1, 8, 1, 1), 0.5))
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x))) * self.inner.scale
+
+
+def test_a_parameter_read_in_forward_reaches_the_engine():
+    backbone = nn.Sequential(_Scaled(), nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))  # fmt: skip
+    check_exact(gated(randomize_bn(backbone)), noise_images(32), PACKS[0])

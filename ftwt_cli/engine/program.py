@@ -9,6 +9,8 @@ width. Nothing is decided per call but which of K.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import nn
 from torch.fx.node import map_arg
@@ -169,7 +171,7 @@ class RoutingEngine(nn.Module):
         elif node.op == "call_function":
             op = node.target
         elif node.op == "get_attr":
-            value = getattr(self.plan.graph_module, node.target)
+            value = operator.attrgetter(node.target)(self.plan.graph_module)  # a dotted path into a submodule
             return lambda s, pooled: value
         else:
             op = lambda self_, *a, **k: getattr(self_, node.target)(*a, **k)  # noqa: E731
