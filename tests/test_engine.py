@@ -247,3 +247,22 @@ def test_a_parameter_read_in_forward_reaches_the_engine():
     backbone = nn.Sequential(_Scaled(), nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))  # fmt: skip
     check_exact(gated(randomize_bn(backbone)), noise_images(32), PACKS[0])
+
+
+class _Broadcast(nn.Module):
+    """A sum whose first operand is broadcast to the second's shape (attention biases, as in MaxViT)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.conv(x)))
+        bias = y.mean(dim=1, keepdim=True)  # [N, 1, H, W], read by nothing after the add
+        return bias + y
+
+
+def test_a_broadcasting_add_is_not_done_in_place():
+    backbone = nn.Sequential(_Broadcast(), nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))  # fmt: skip
+    check_exact(gated(randomize_bn(backbone), k=None), noise_images(32), PACKS[0])

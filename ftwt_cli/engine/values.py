@@ -67,10 +67,11 @@ def add(a, b, writable: tuple[bool, bool]):
     if not isinstance(a, Routed):
         if isinstance(b, Routed):
             return add_into(a if writable[0] else a.clone(), b)
-        if writable[0]:
-            return a.add_(b)
-        if writable[1]:
-            return b.add_(a)
+        if a.shape == b.shape and a.dtype == b.dtype:  # in place only where no broadcast widens the sum
+            if writable[0]:
+                return a.add_(b)
+            if writable[1]:
+                return b.add_(a)
         return a + b
     return add_into(dense(a), b)  # two routed blocks (a residual block's last conv and its downsample)
 
