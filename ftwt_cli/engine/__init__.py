@@ -10,6 +10,7 @@
 * :mod:`~ftwt_cli.engine.liveness` — which residual-add operands may be overwritten;
 * :mod:`~ftwt_cli.engine.program` — build and run (:class:`RoutingEngine`, :func:`build_engine`);
 * :mod:`~ftwt_cli.engine.geometry`, :mod:`~ftwt_cli.engine.reference` — the BN fold; dense references;
+* :mod:`~ftwt_cli.engine.scripted` — the same routing as one TorchScript program (``ftwt export``);
 * :mod:`~ftwt_cli.engine.latency`, :mod:`~ftwt_cli.engine.throughput` — batch-1 latency and batched
   throughput against dense eager and dense pre-packed.
 
